@@ -1,0 +1,105 @@
+"""The model configuration: one dataclass, saved as ``config.json`` next to every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rsrefseg.errors import ConfigError
+from rsrefseg.utils import atomic_write_json
+
+#: Prefix of a base-model id that means "random initialisation from the preset's own config".
+RANDOM_PREFIX = "random:"
+
+
+@dataclass
+class RSRefSegConfig:
+    """Everything needed to rebuild an RSRefSeg model (the trained part comes from the checkpoint)."""
+
+    # Name of the preset the model was built from (a key of ``rsrefseg.build.PRESETS``).
+    preset: str = "rsrefseg-b"
+    # CLIP-family dual encoder: Hugging Face hub id, local directory (save_pretrained layout),
+    # or "random:<preset>" for a seeded random initialisation of the preset's architecture.
+    clip_model: str = "google/siglip-so400m-patch14-384"
+    # Hub revision (commit or tag) of ``clip_model``; None = the hub default branch.
+    clip_revision: str | None = None
+    # SAM: hub id, local directory, a Meta ``sam_vit_*.pth`` file, or "random:<preset>".
+    sam_model: str = "facebook/sam-vit-base"
+    # Hub revision of ``sam_model``.
+    sam_revision: str | None = None
+    # Side of the square SAM input (pixels); SAM's image encoder was trained at 1024.
+    sam_image_size: int = 1024
+    # Side of the square CLIP/SigLIP input (pixels); 384 for SigLIP so400m-patch14-384.
+    clip_image_size: int = 384
+    # Fixed text length (tokens): text is padded to exactly this length (SigLIP was trained at 64).
+    max_text_length: int = 64
+    # How an image of any size becomes S x S: "stretch" (reference code) or "longest_side" (SAM).
+    resize_mode: str = "stretch"
+    # Number of [3x3 stride-2 conv + norm + GELU] blocks in the prompter (paper default 2).
+    down_spatial_times: int = 2
+    # Feed the global activation logits to SAM's prompt encoder as a dense mask prompt.
+    use_dense_prompt: bool = True
+    # "lora": LoRA on the encoders + prompter + SAM prompt encoder/decoder trainable (paper);
+    # "full": every parameter trainable (used to train the tiny preset from scratch).
+    finetune: str = "lora"
+    # LoRA rank (paper: 16).
+    lora_r: int = 16
+    # LoRA alpha (paper: 16).
+    lora_alpha: int = 16
+    # LoRA dropout (paper: 0.1).
+    lora_dropout: float = 0.1
+    # Apply LoRA to SAM's image encoder (attention qkv/proj, MLP lin1/lin2, neck convs).
+    lora_sam: bool = True
+    # Apply LoRA to the CLIP vision tower (q/k/v/out projections).
+    lora_vision: bool = True
+    # Apply LoRA to the text tower (q/k/v/out projections and the text head).
+    lora_text: bool = True
+    # Initial value of the learnable bias for CLIP models, which have no ``logit_bias``.
+    clip_bias_init: float = -10.0
+    # Architecture overrides for random initialisation ("random:" ids): nested dicts merged into the
+    # preset's Hugging Face configs, e.g. {"sam": {"vision_config": {"num_hidden_layers": 2}}}.
+    arch_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> RSRefSegConfig:
+        """Raise :class:`ConfigError` for an impossible combination of values."""
+        if self.resize_mode not in ("stretch", "longest_side"):
+            raise ConfigError(f"resize_mode must be 'stretch' or 'longest_side', got {self.resize_mode!r}")
+        if self.finetune not in ("lora", "full"):
+            raise ConfigError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.down_spatial_times < 0:
+            raise ConfigError(f"down_spatial_times must be >= 0, got {self.down_spatial_times}")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0, got {self.lora_r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RSRefSegConfig:
+        """Build from a dict; unknown keys raise :class:`ConfigError` naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown model config key(s): {', '.join(unknown)}")
+        return cls(**data).validate()
+
+    def save(self, path: str | Path) -> None:
+        """Write ``config.json`` atomically."""
+        atomic_write_json(path, {"model": self.to_dict()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> RSRefSegConfig:
+        """Read a ``config.json`` written by :meth:`save`."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data.get("model", data), source=str(path))

@@ -1,0 +1,245 @@
+"""Read any remote-sensing image as display-ready RGB uint8 plus a validity mask.
+
+- 8-bit JPEG/PNG (and palette/grey/RGBA) are read with PIL (fast path, no georeferencing);
+  an alpha channel becomes the validity mask.
+- Everything else (GeoTIFF, 16-bit, float, multiband...) is read with rasterio:
+  1 band is replicated to 3 channels; 3 bands are used as they are; 4+ bands: the first three, or
+  ``bands=(4, 3, 2)`` (1-based, like GDAL); 2 bands are refused ("unsupported band count").
+- Non-uint8 data is stretched per band between the ``stretch`` percentiles (default 2 and 98),
+  computed over the valid pixels only (not nodata, finite). uint8 data is kept as it is.
+- Nodata / masked pixels are 0 in ``rgb`` and False in ``valid``.
+
+EXIF orientation is deliberately ignored: masks are stored in the pixel order of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from rsrefseg.errors import DataError
+
+#: Suffixes read with PIL (8-bit raster formats without georeferencing).
+PIL_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
+#: At most this many valid pixels per band feed the percentile estimate (deterministic stride).
+_PERCENTILE_SAMPLES = 2_000_000
+
+
+@dataclass
+class RasterImage:
+    """An image ready for the model, with its georeferencing (if any)."""
+
+    #: H x W x 3 uint8 RGB (nodata pixels are 0).
+    rgb: np.ndarray
+    #: H x W bool, False on nodata / masked / non-finite pixels.
+    valid: np.ndarray
+    #: ``rasterio.crs.CRS`` or None for plain images.
+    crs: Any
+    #: ``affine.Affine`` pixel -> CRS transform, or None for plain images.
+    transform: Any
+    path: Path
+    #: 1-based source band of each RGB channel, e.g. ``(1, 1, 1)`` for a single-band file.
+    band_indices: tuple[int, int, int]
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"{path}: image not found")
+
+
+def _select_bands(count: int, bands: tuple[int, ...] | None, path: Path) -> tuple[int, int, int]:
+    """1-based band index for each of the three output channels."""
+    if bands is None:
+        if count == 1:
+            return (1, 1, 1)
+        if count == 2:
+            raise DataError(f"{path}: unsupported band count 2 (need 1, 3 or more bands)")
+        return (1, 2, 3)
+    chosen = tuple(int(b) for b in bands)
+    if len(chosen) == 1:
+        chosen = chosen * 3
+    if len(chosen) != 3:
+        raise DataError(f"{path}: unsupported band count: bands={bands} must name 1 or 3 bands")
+    if any(b < 1 or b > count for b in chosen):
+        raise DataError(
+            f"{path}: unsupported band count: bands={bands} out of range for {count} band(s) (1-based)"
+        )
+    return chosen  # type: ignore[return-value]
+
+
+def _stretch_band(band: np.ndarray, valid: np.ndarray, stretch: tuple[float, float]) -> np.ndarray:
+    """Linear percentile stretch of one ``H x W`` band to uint8 using the valid pixels only."""
+    values = band[valid]
+    if values.size == 0:
+        return np.zeros(band.shape, dtype=np.uint8)
+    step = max(1, values.size // _PERCENTILE_SAMPLES)
+    low, high = np.percentile(values[::step].astype(np.float64), stretch)
+    if not high > low:  # constant band: everything at the low end
+        return np.zeros(band.shape, dtype=np.uint8)
+    scaled = (band.astype(np.float64) - low) * (255.0 / (high - low))
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(
+    data: np.ndarray, valid: np.ndarray, stretch: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``3 x H x W`` array of any dtype + ``H x W`` validity -> (``H x W x 3`` uint8, validity)."""
+    if np.issubdtype(data.dtype, np.floating):
+        valid = valid & np.isfinite(data).all(axis=0)
+    if data.dtype == np.uint8:
+        channels = [data[c] for c in range(3)]
+    else:
+        channels = [_stretch_band(data[c], valid, stretch) for c in range(3)]
+    rgb = np.stack(channels, axis=-1)  # 3 x (H x W) -> H x W x 3
+    rgb[~valid] = 0
+    return rgb, valid
+
+
+def _check_stretch(stretch: tuple[float, float]) -> tuple[float, float]:
+    low, high = float(stretch[0]), float(stretch[1])
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"stretch percentiles must satisfy 0 <= low < high <= 100, got {stretch}")
+    return low, high
+
+
+def _read_pil(path: Path, bands: tuple[int, ...] | None, stretch: tuple[float, float]) -> RasterImage:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            elif mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("L" if mode == "1" else "RGB")
+            final_mode = img.mode
+            array = np.asarray(img)
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot read image ({_one_line(exc)})") from None
+    if array.ndim == 2:
+        array = array[None]  # H x W -> 1 x H x W
+    else:
+        array = np.moveaxis(array, -1, 0)  # H x W x C -> C x H x W
+    valid = np.ones(array.shape[1:], dtype=bool)
+    if final_mode in ("RGBA", "LA", "PA"):  # last channel is alpha: it marks validity, it is not a band
+        valid = array[-1] > 0
+        array = array[:-1]
+    chosen = _select_bands(array.shape[0], bands, path)
+    data = array[[b - 1 for b in chosen]]  # pick 3 of the C channels -> 3 x H x W
+    rgb, valid = _to_rgb(data, valid, stretch)
+    return RasterImage(rgb=rgb, valid=valid, crs=None, transform=None, path=path, band_indices=chosen)
+
+
+def _open_rasterio(path: Path) -> Any:
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as exc:
+        raise DataError(f"{path}: cannot read image ({_one_line(exc)})") from None
+
+
+def _read_rasterio(path: Path, bands: tuple[int, ...] | None, stretch: tuple[float, float]) -> RasterImage:
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with _open_rasterio(path) as src:
+            chosen = _select_bands(src.count, bands, path)
+            unique = sorted(set(chosen))
+            try:
+                data = src.read(unique)  # len(unique) x H x W, native dtype
+                masks = src.read_masks(unique)  # len(unique) x H x W, 0 = nodata / masked
+            except RasterioError as exc:
+                raise DataError(f"{path}: cannot read image ({_one_line(exc)})") from None
+            georef = src.crs is not None
+            crs = src.crs if georef else None
+            transform = src.transform if georef else None
+    valid = (masks > 0).all(axis=0)
+    data = data[[unique.index(b) for b in chosen]]  # reorder to the chosen channels -> 3 x H x W
+    rgb, valid = _to_rgb(data, valid, stretch)
+    return RasterImage(rgb=rgb, valid=valid, crs=crs, transform=transform, path=path, band_indices=chosen)
+
+
+def read_image(
+    path: str | os.PathLike[str],
+    bands: tuple[int, ...] | None = None,
+    stretch: tuple[float, float] = (2.0, 98.0),
+) -> RasterImage:
+    """Read an image as :class:`RasterImage` (``rgb`` H x W x 3 uint8, ``valid`` H x W bool).
+
+    Args:
+        path: JPEG/PNG (PIL) or any GDAL-readable raster (rasterio).
+        bands: 1-based band indices for R, G, B (one index is replicated); default: first three,
+            or band 1 three times for single-band files.
+        stretch: lower/upper percentiles of the per-band linear stretch for non-uint8 data.
+
+    Raises:
+        DataError: missing, corrupt or unreadable file, or an unsupported band count/choice.
+    """
+    path = Path(path)
+    _check_exists(path)
+    stretch = _check_stretch(stretch)
+    if path.suffix.lower() in PIL_SUFFIXES:
+        return _read_pil(path, bands, stretch)
+    return _read_rasterio(path, bands, stretch)
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(H, W)`` of an image from its header only (fast; does not decode the pixels)."""
+    path = Path(path)
+    _check_exists(path)
+    if path.suffix.lower() in PIL_SUFFIXES:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+            raise DataError(f"{path}: cannot read image ({_one_line(exc)})") from None
+        return int(height), int(width)
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with _open_rasterio(path) as src:
+            return int(src.height), int(src.width)
+
+
+def read_geo_profile(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Georeferencing of a raster: ``crs``, ``transform``, ``width``, ``height``, ``count``, ``dtypes``,
+    ``nodata`` (``crs``/``transform`` are None for non-georeferenced files)."""
+    path = Path(path)
+    _check_exists(path)
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with _open_rasterio(path) as src:
+            georef = src.crs is not None
+            return {
+                "crs": src.crs if georef else None,
+                "transform": src.transform if georef else None,
+                "width": int(src.width),
+                "height": int(src.height),
+                "count": int(src.count),
+                "dtypes": tuple(src.dtypes),
+                "nodata": src.nodata,
+            }

@@ -1,0 +1,81 @@
+"""The prompter: activated CLIP features -> SAM sparse prompt tokens (+ dense mask prompt)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.sam.modeling_sam import SamLayerNorm, SamPositionalEmbedding
+
+
+def grid_positional_encoding(pe_layer: SamPositionalEmbedding, height: int, width: int) -> torch.Tensor:
+    """SAM's random-Fourier positional encoding of an ``height x width`` grid of cell centres.
+
+    Returns:
+        ``1 x C x height x width`` (C = SAM prompt width, 256 for the official models).
+    """
+    weight = pe_layer.positional_embedding
+    ys = (torch.arange(height, device=weight.device, dtype=weight.dtype) + 0.5) / height
+    xs = (torch.arange(width, device=weight.device, dtype=weight.dtype) + 0.5) / width
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    coords = torch.stack([grid_x, grid_y], dim=-1)  # h x w x 2, (x, y) in [0, 1]
+    encoding = pe_layer(coords)  # h x w x C
+    return encoding.permute(2, 0, 1).unsqueeze(0)  # 1 x C x h x w
+
+
+def _conv_block(in_ch: int, out_ch: int, kernel: int, stride: int) -> nn.Sequential:
+    """conv + SAM's LayerNorm2d (batch-independent, unlike the reference's SyncBN) + GELU."""
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel_size=kernel, stride=stride, padding=kernel // 2, bias=False),
+        SamLayerNorm(out_ch, data_format="channels_first"),
+        nn.GELU(),
+    )
+
+
+class Prompter(nn.Module):
+    """[local, global, V] (3D channels) -> sparse prompt tokens for SAM's mask decoder.
+
+    1x1 conv to the prompt width + norm + GELU; add SAM's dense positional encoding for the grid;
+    ``down_spatial_times`` x [3x3 stride-2 conv + norm + GELU]; 1x1 conv; flatten to tokens.
+    For SigLIP so400m at 384 (27 x 27 patches) and two downsamplings this gives 7 x 7 = 49 tokens.
+    """
+
+    def __init__(self, in_channels: int, prompt_dim: int, down_spatial_times: int = 2) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.prompt_dim = prompt_dim
+        self.down_spatial_times = down_spatial_times
+        self.input_proj = _conv_block(3 * in_channels, prompt_dim, kernel=1, stride=1)
+        self.down = nn.Sequential(
+            *[_conv_block(prompt_dim, prompt_dim, kernel=3, stride=2) for _ in range(down_spatial_times)]
+        )
+        self.output_proj = nn.Conv2d(prompt_dim, prompt_dim, kernel_size=1)
+
+    @staticmethod
+    def num_tokens(grid: int, down_spatial_times: int) -> int:
+        """Number of sparse tokens for a ``grid x grid`` patch map."""
+        for _ in range(down_spatial_times):
+            grid = (grid + 1) // 2  # 3x3, stride 2, padding 1
+        return grid * grid
+
+    def forward(
+        self,
+        local: torch.Tensor,
+        global_: torch.Tensor,
+        visual: torch.Tensor,
+        pe_layer: SamPositionalEmbedding,
+    ) -> torch.Tensor:
+        """Args:
+            local, global_, visual: ``B x D x h x w`` each.
+            pe_layer: SAM's shared positional embedding (gives the dense encoding of the grid).
+
+        Returns:
+            Sparse prompt tokens ``B x N x C`` (C = SAM prompt width, N = tokens after downsampling).
+        """
+        x = torch.cat([local, global_, visual], dim=1)  # B x 3D x h x w
+        x = x.to(self.output_proj.weight.dtype)
+        x = self.input_proj(x)  # B x C x h x w
+        x = x + grid_positional_encoding(pe_layer, x.shape[-2], x.shape[-1]).to(x.dtype)
+        x = self.down(x)  # B x C x h' x w'
+        x = self.output_proj(x)
+        # B x C x h' x w' -> B x C x N -> B x N x C
+        return x.flatten(2).transpose(1, 2)
