@@ -286,7 +286,8 @@ def build_model(config: RSRefSegConfig, device: str | torch.device | None = None
     else:
         prompter = _seeded(lambda: Prompter(dual.embed_dim, prompt_dim, config.down_spatial_times))
     model = RSRefSeg(config, dual, sam, prompter)  # type: ignore[arg-type]
-    apply_lora(model, config)
+    # Seeded, so that two builds of one config start from identical LoRA weights too.
+    _seeded(lambda: apply_lora(model, config) or model)
     model.eval()
     if device is not None and not meta:
         model.to(device)

@@ -57,11 +57,15 @@ def _as_bool(mask: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     return array
 
 
-def pixel_counts(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> tuple[int, int, int, int]:
+def pixel_counts(
+    pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor
+) -> tuple[int, int, int, int]:
     """(intersection, union, pred area, target area) of two bool ``H x W`` masks of the same shape."""
     pred_b, target_b = _as_bool(pred, "pred"), _as_bool(target, "target")
     if pred_b.shape != target_b.shape:
-        raise ValueError(f"pred shape {pred_b.shape} != target shape {target_b.shape} (compare at original size)")
+        raise ValueError(
+            f"pred shape {pred_b.shape} != target shape {target_b.shape} (compare at original size)"
+        )
     inter = int(np.count_nonzero(pred_b & target_b))
     pred_area, target_area = int(np.count_nonzero(pred_b)), int(np.count_nonzero(target_b))
     return inter, pred_area + target_area - inter, pred_area, target_area
@@ -178,7 +182,9 @@ class RefSegMetrics:
                 value = getattr(row, attr)
                 if value is not None:
                     groups.setdefault(str(value), []).append(row)
-            out[key] = {name: summarize(group, self.thresholds, self.strict) for name, group in sorted(groups.items())}
+            out[key] = {
+                name: summarize(group, self.thresholds, self.strict) for name, group in sorted(groups.items())
+            }
         return out
 
 

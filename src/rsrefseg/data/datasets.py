@@ -53,7 +53,10 @@ class DatasetPreset:
 
 DATASETS: dict[str, DatasetPreset] = {
     "rrsisd": DatasetPreset(
-        "rrsisd", ".jpg", (800, 800), description="RRSIS-D: 17,402 triplets on DIOR images (12,181/1,740/3,481)"
+        "rrsisd",
+        ".jpg",
+        (800, 800),
+        description="RRSIS-D: 17,402 triplets on DIOR images (12,181/1,740/3,481)",
     ),
     "refsegrs": DatasetPreset("refsegrs", ".tif", (512, 512), description="RefSegRS: 512x512 .tif tiles"),
     "risbench": DatasetPreset("risbench", ".png", (512, 512), description="RISBench: 512x512 .png tiles"),
@@ -152,7 +155,9 @@ class ReferringDataset(Dataset[dict[str, Any]]):
                 )
         return mask_hw
 
-    def _check(self, record: RefRecord, where: str) -> tuple[str, str] | tuple[tuple[int, int], tuple[int, int]]:
+    def _check(
+        self, record: RefRecord, where: str
+    ) -> tuple[str, str] | tuple[tuple[int, int], tuple[int, int]]:
         """(kind, detail) of the first problem of a record, or its (image_hw, mask_hw) if usable."""
         path = self.image_path(record)
         if not path.is_file():
@@ -232,7 +237,10 @@ def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
         "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
         "mask": torch.stack([b["mask"] for b in batch]),
         "index": torch.tensor([b["index"] for b in batch], dtype=torch.long),
-        **{key: [b[key] for b in batch] for key in ("text", "meta", "target", "category", "rule", "sample_id")},
+        **{
+            key: [b[key] for b in batch]
+            for key in ("text", "meta", "target", "category", "rule", "sample_id")
+        },
     }
 
 

@@ -68,8 +68,18 @@ TEMPLATES: dict[str, list[str]] = {
         "the {c} at the very bottom",
         "the lowermost {c}",
     ],
-    "size:largest": ["the largest {c}", "the biggest {c}", "the {c} that is the largest", "the largest {c} here"],
-    "size:smallest": ["the smallest {c}", "the tiniest {c}", "the {c} that is the smallest", "the smallest {c} here"],
+    "size:largest": [
+        "the largest {c}",
+        "the biggest {c}",
+        "the {c} that is the largest",
+        "the largest {c} here",
+    ],
+    "size:smallest": [
+        "the smallest {c}",
+        "the tiniest {c}",
+        "the {c} that is the smallest",
+        "the smallest {c} here",
+    ],
     "group": ["all the {p}", "all {p} in the image", "every {c}", "all of the {p}"],
 }
 
@@ -305,7 +315,9 @@ def from_coco_file(
     """Load a COCO file and generate records; ``split`` defaults to the name (``instances_<split>.json``)."""
     coco = load_coco(annotations)
     split = split or split_from_name(annotations)
-    return generate_records(coco, split=split, seed=seed, config=config, image_dir=image_dir, source=str(annotations))
+    return generate_records(
+        coco, split=split, seed=seed, config=config, image_dir=image_dir, source=str(annotations)
+    )
 
 
 def format_stats(stats: GenerationStats) -> str:
@@ -315,5 +327,7 @@ def format_stats(stats: GenerationStats) -> str:
     lines += ["per rule:"] + [f"  {rule:<10} {stats.per_rule.get(rule, 0)}" for rule in RULES]
     lines += ["per class:"] + [f"  {name:<20} {n}" for name, n in sorted(stats.per_class.items())]
     if stats.skipped_groups:
-        lines.append("skipped (image, class) groups: " + ", ".join(f"{k} {v}" for k, v in stats.skipped_groups.items()))
+        lines.append(
+            "skipped (image, class) groups: " + ", ".join(f"{k} {v}" for k, v in stats.skipped_groups.items())
+        )
     return "\n".join(lines)

@@ -94,22 +94,29 @@ def _stretch_band(band: np.ndarray, valid: np.ndarray, stretch: tuple[float, flo
     low, high = np.percentile(values[::step].astype(np.float64), stretch)
     if not high > low:  # constant band: everything at the low end
         return np.zeros(band.shape, dtype=np.uint8)
-    scaled = (band.astype(np.float64) - low) * (255.0 / (high - low))
-    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    scaled = band.astype(np.float32)
+    scaled -= np.float32(low)
+    scaled *= np.float32(255.0 / (high - low))
+    scaled[~valid] = 0.0  # also removes NaN/inf, which are never valid
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def _to_rgb(
-    data: np.ndarray, valid: np.ndarray, stretch: tuple[float, float]
+    data: np.ndarray, channels: tuple[int, int, int], valid: np.ndarray, stretch: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``3 x H x W`` array of any dtype + ``H x W`` validity -> (``H x W x 3`` uint8, validity)."""
+    """``K x H x W`` bands of any dtype -> (``H x W x 3`` uint8, validity ``H x W``).
+
+    ``channels[c]`` is the index into ``data`` of output channel ``c``; each band is stretched once.
+    """
     if np.issubdtype(data.dtype, np.floating):
         valid = valid & np.isfinite(data).all(axis=0)
     if data.dtype == np.uint8:
-        channels = [data[c] for c in range(3)]
+        bands = list(data)
     else:
-        channels = [_stretch_band(data[c], valid, stretch) for c in range(3)]
-    rgb = np.stack(channels, axis=-1)  # 3 x (H x W) -> H x W x 3
+        bands = [_stretch_band(band, valid, stretch) for band in data]
+    rgb = np.stack([bands[c] for c in channels], axis=-1)  # 3 x (H x W) -> H x W x 3
     rgb[~valid] = 0
     return rgb, valid
 
@@ -119,6 +126,11 @@ def _check_stretch(stretch: tuple[float, float]) -> tuple[float, float]:
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"stretch percentiles must satisfy 0 <= low < high <= 100, got {stretch}")
     return low, high
+
+
+def _channel_index(chosen: tuple[int, int, int], unique: list[int]) -> tuple[int, int, int]:
+    """Position in ``unique`` of each chosen band."""
+    return unique.index(chosen[0]), unique.index(chosen[1]), unique.index(chosen[2])
 
 
 def _read_pil(path: Path, bands: tuple[int, ...] | None, stretch: tuple[float, float]) -> RasterImage:
@@ -143,8 +155,9 @@ def _read_pil(path: Path, bands: tuple[int, ...] | None, stretch: tuple[float, f
         valid = array[-1] > 0
         array = array[:-1]
     chosen = _select_bands(array.shape[0], bands, path)
-    data = array[[b - 1 for b in chosen]]  # pick 3 of the C channels -> 3 x H x W
-    rgb, valid = _to_rgb(data, valid, stretch)
+    unique = sorted(set(chosen))
+    data = array[[b - 1 for b in unique]]  # keep the chosen channels -> K x H x W
+    rgb, valid = _to_rgb(data, _channel_index(chosen, unique), valid, stretch)
     return RasterImage(rgb=rgb, valid=valid, crs=None, transform=None, path=path, band_indices=chosen)
 
 
@@ -175,8 +188,7 @@ def _read_rasterio(path: Path, bands: tuple[int, ...] | None, stretch: tuple[flo
             crs = src.crs if georef else None
             transform = src.transform if georef else None
     valid = (masks > 0).all(axis=0)
-    data = data[[unique.index(b) for b in chosen]]  # reorder to the chosen channels -> 3 x H x W
-    rgb, valid = _to_rgb(data, valid, stretch)
+    rgb, valid = _to_rgb(data, _channel_index(chosen, unique), valid, stretch)
     return RasterImage(rgb=rgb, valid=valid, crs=crs, transform=transform, path=path, band_indices=chosen)
 
 

@@ -36,7 +36,9 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-def inspect_jsonl(path: str | os.PathLike[str], image_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def inspect_jsonl(
+    path: str | os.PathLike[str], image_dir: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
     """Statistics of a JSONL file of records (see module docstring). Raises DataError for bad JSONL."""
     records = read_jsonl(path)
     problems: list[str] = []
@@ -125,7 +127,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"words:       min {words['min']}  mean {words['mean']}  median {words['median']}  max {words['max']}"
     )
     if report["mask_area_px"]:
-        lines.append("mask area:   " + "  ".join(f"{k} {v:.0f}" for k, v in report["mask_area_px"].items()) + " px")
+        lines.append(
+            "mask area:   " + "  ".join(f"{k} {v:.0f}" for k, v in report["mask_area_px"].items()) + " px"
+        )
     lines.append(f"empty masks: {report['empty_masks']}")
     if "images_found" in report:
         lines.append(f"images:      found {report['images_found']}, missing {report['images_missing']}")

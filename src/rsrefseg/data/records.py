@@ -167,27 +167,37 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _rle_string_counts(counts: str, where: str) -> list[int]:
-    """Run lengths of a COCO compressed RLE string (the LEB128-like code of ``maskApi.c``)."""
-    runs: list[int] = []
-    pos = 0
-    while pos < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if pos >= len(counts):
-                raise DataError(f"{where}: RLE counts string is truncated")
-            code = ord(counts[pos]) - 48
-            if not 0 <= code < 64:
-                raise DataError(f"{where}: RLE counts string has an invalid character {counts[pos]!r}")
-            value |= (code & 0x1F) << (5 * shift)
-            more = bool(code & 0x20)
-            pos += 1
-            shift += 1
-            if not more and code & 0x10:
-                value |= -1 << (5 * shift)
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
+def _rle_string_counts(counts: str, where: str) -> np.ndarray:
+    """Run lengths (int64) of a COCO compressed RLE string, decoded with numpy.
+
+    The code of ``maskApi.c``: each value is a little-endian sequence of 5-bit chunks stored as
+    ``chr(48 + chunk)``, bit 0x20 meaning "more chunks follow" and bit 0x10 of the last chunk the
+    sign; values from the third on are deltas to the value two places before.
+    """
+    try:
+        raw = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: RLE counts string has an invalid (non-ASCII) character") from None
+    if raw.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if raw.min() < 0 or raw.max() >= 64:
+        raise DataError(f"{where}: RLE counts string has an invalid character")
+    more = (raw & 0x20) > 0
+    if more[-1]:
+        raise DataError(f"{where}: RLE counts string is truncated")
+    ends = np.flatnonzero(~more)  # last chunk of every value
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 12:  # more than 60 bits: not a pixel count
+        raise DataError(f"{where}: RLE counts string has an out-of-range value")
+    chunk_pos = np.arange(raw.size) - np.repeat(starts, lengths)  # index of each chunk in its value
+    values = np.add.reduceat((raw & 0x1F) << (5 * chunk_pos), starts)
+    negative = (raw[ends] & 0x10) > 0
+    values[negative] -= np.int64(1) << (5 * lengths[negative])  # sign extension
+    # Undo the delta coding: runs[m] = values[m] + runs[m - 2] for m > 2.
+    runs = values.copy()
+    runs[3::2] = np.cumsum(values[1::2])[1:]
+    runs[4::2] = np.cumsum(values[2::2])[1:]
     return runs
 
 
@@ -202,7 +212,7 @@ def _rle_parts(segmentation: Any, where: str) -> list[dict[str, Any]] | None:
     raise DataError(f"{where}: segmentation must be an RLE dict, a list of RLE dicts or a list of polygons")
 
 
-def _validated_rle(rle: dict[str, Any], where: str) -> tuple[dict[str, Any], list[int]]:
+def _validated_rle(rle: dict[str, Any], where: str) -> tuple[dict[str, Any], np.ndarray]:
     """Check an RLE dict and return it in pycocotools form (bytes counts) with its run lengths."""
     size = rle.get("size")
     counts = rle.get("counts")
@@ -216,18 +226,19 @@ def _validated_rle(rle: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
     if isinstance(counts, str):
         runs = _rle_string_counts(counts, where)
     elif isinstance(counts, list) and all(isinstance(v, int) for v in counts):
-        runs = [int(v) for v in counts]
+        runs = np.asarray(counts, dtype=np.int64)
     else:
         raise DataError(f"{where}: RLE 'counts' must be a string or a list of integers")
-    if any(v < 0 for v in runs) or sum(runs) != height * width:
+    total = int(runs.sum())
+    if (runs < 0).any() or total != height * width:
         raise DataError(
-            f"{where}: RLE counts do not cover its size {height}x{width} "
-            f"(sum {sum(runs)} != {height * width})"
+            f"{where}: RLE counts do not cover its size {height}x{width} (sum {total} != {height * width})"
         )
     if isinstance(counts, str):
         return {"size": [height, width], "counts": counts.encode("ascii")}, runs
     # Uncompressed counts -> compressed RLE understood by pycocotools.
-    return mask_utils.frPyObjects({"size": [height, width], "counts": runs}, height, width), runs
+    uncompressed = {"size": [height, width], "counts": [int(v) for v in runs]}
+    return mask_utils.frPyObjects(uncompressed, height, width), runs
 
 
 def segmentation_size(segmentation: Any, source: str = "") -> tuple[int, int] | None:
@@ -250,7 +261,7 @@ def segmentation_area(segmentation: Any, source: str = "") -> int | None:
     if parts is None or len(parts) != 1:
         return None
     _, runs = _validated_rle(parts[0], where)
-    return int(sum(runs[1::2]))  # odd runs are foreground
+    return int(runs[1::2].sum())  # odd runs are foreground
 
 
 def decode_mask(

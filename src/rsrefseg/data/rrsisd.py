@@ -56,7 +56,9 @@ def load_coco(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: cannot read COCO JSON ({' '.join(str(exc).split())})") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations")):
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) for k in ("images", "annotations")
+    ):
         raise DataError(f"{path}: not a COCO instances file (needs 'images' and 'annotations' lists)")
     return data
 

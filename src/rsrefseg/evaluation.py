@@ -1,0 +1,259 @@
+"""Evaluate a model (or a trivial baseline) on a referring dataset, single- or multi-process.
+
+Every number is computed per sample at the **original image resolution**: the model's ``S x S``
+logits are brought back with :func:`rsrefseg.data.transforms.logits_to_original` (crop padding,
+bilinear resize), thresholded at 0, and compared with the original-size target.
+
+Distributed runs (``accelerate launch``): the batches of the natural order are dealt to the
+processes round-robin (batch ``b`` goes to process ``b % world_size``), so every sample is computed
+in exactly the same batch as in a single-process run; processes with fewer batches repeat a batch.
+Rows are gathered, de-duplicated by dataset index and summarised in index order, so 1-process and
+N-process numbers are identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rsrefseg.data.datasets import collate_fn
+from rsrefseg.data.records import decode_mask
+from rsrefseg.data.transforms import logits_to_original
+from rsrefseg.metrics import DEFAULT_THRESHOLDS, RefSegMetrics, SampleStats, pixel_counts
+
+
+@dataclass
+class EvalRow:
+    """One evaluated sample (pixel counts at original resolution)."""
+
+    index: int
+    sample_id: str
+    text: str
+    inter: int
+    union: int
+    pred_area: int
+    target_area: int
+    category: str | None = None
+    rule: str | None = None
+
+    @property
+    def iou(self) -> float:
+        """IoU, 1.0 when prediction and target are both empty."""
+        return 1.0 if self.union == 0 else self.inter / self.union
+
+
+@dataclass
+class EvalResult:
+    """Output of :func:`evaluate`.
+
+    Attributes:
+        metrics: :meth:`RefSegMetrics.compute` (``n``, ``oIoU``, ``mIoU``, ``Pr@t``, breakdowns).
+        rows: per-sample rows sorted by dataset index (every process gets all of them).
+        predictions: bool ``H x W`` predicted masks of the requested ``keep`` indices.
+    """
+
+    metrics: dict[str, Any]
+    rows: list[EvalRow] = field(default_factory=list)
+    predictions: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def shard_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Batches (lists of dataset indices) of process ``rank``: natural-order batches dealt round-robin.
+
+    Every process gets the same number of batches; the short ones repeat batch 0 (dropped later).
+    """
+    batches = [list(range(lo, min(lo + batch_size, n))) for lo in range(0, n, batch_size)]
+    per_rank = -(-len(batches) // world_size) if batches else 0
+    mine = [batches[b] for b in range(rank, len(batches), world_size)]
+    while len(mine) < per_rank:
+        mine.append(batches[0])
+    return mine
+
+
+def summarize_rows(
+    rows: Sequence[EvalRow], thresholds: Sequence[float] = DEFAULT_THRESHOLDS, strict: bool = False
+) -> tuple[dict[str, Any], list[EvalRow]]:
+    """De-duplicate rows by index, sort them, and compute the metrics in index order."""
+    unique: dict[int, EvalRow] = {}
+    for row in rows:
+        unique.setdefault(row.index, row)
+    ordered = [unique[i] for i in sorted(unique)]
+    metrics = RefSegMetrics(thresholds, strict)
+    for row in ordered:
+        metrics.add(SampleStats(row.sample_id or f"#{row.index}", row.inter, row.union, row.pred_area,
+                                row.target_area, row.category, row.rule))
+    return metrics.compute(), ordered
+
+
+def _gather(obj: list[Any], accelerator: Any | None) -> list[Any]:
+    """Concatenate a list over processes (identity without an accelerator or with one process)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import gather_object
+
+    return list(gather_object(obj))
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    dataset: Dataset[dict[str, Any]],
+    batch_size: int = 8,
+    accelerator: Any | None = None,
+    num_workers: int = 0,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    strict: bool = False,
+    progress: bool = False,
+    keep: Sequence[int] = (),
+    desc: str = "eval",
+) -> EvalResult:
+    """Per-sample IoU at original resolution over ``dataset`` and the summary metrics.
+
+    Args:
+        model: an ``RSRefSeg`` (possibly wrapped by ``accelerator.prepare``); switched to eval mode
+            and back.
+        dataset: items with ``pixel_values`` (``3 x S x S``), ``text``, ``meta``, ``target``
+            (bool ``H x W``), ``index``, ``sample_id``, ``category``, ``rule`` (a ReferringDataset).
+        accelerator: shard over its processes and gather the rows; None = this process only.
+        strict: ``Pr@t`` counts IoU > t (reference code) instead of IoU >= t.
+        keep: dataset indices whose predicted masks are returned (overlays).
+    """
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    net = accelerator.unwrap_model(model) if accelerator is not None else model
+    device = accelerator.device if accelerator is not None else net.device
+    loader = DataLoader(
+        dataset,
+        batch_sampler=shard_batches(len(dataset), batch_size, rank, world),  # type: ignore[arg-type]
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        generator=torch.Generator(),  # never draw from the global RNG (resumable training)
+    )
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    keep_set = set(keep)
+    rows: list[EvalRow] = []
+    kept: list[tuple[int, np.ndarray]] = []
+    was_training = net.training
+    net.eval()
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    try:
+        for batch in loader:
+            with autocast:
+                out = net(batch["pixel_values"].to(device), batch["text"])
+            logits = out.mask_logits.float().cpu()  # B x 1 x S x S
+            for i, meta in enumerate(batch["meta"]):
+                pred = (logits_to_original(logits[i, 0], meta) > 0).numpy()  # S x S -> H x W bool
+                target = batch["target"][i]
+                inter, union, pred_area, target_area = pixel_counts(pred, target)
+                index = int(batch["index"][i])
+                rows.append(EvalRow(index, str(batch["sample_id"][i]), batch["text"][i], inter, union,
+                                    pred_area, target_area, batch["category"][i], batch["rule"][i]))
+                if index in keep_set:
+                    kept.append((index, pred))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        net.train(was_training)
+    all_rows = [EvalRow(**r) for r in _gather([asdict(r) for r in rows], accelerator)]
+    metrics, ordered = summarize_rows(all_rows, thresholds, strict)
+    predictions = dict(_gather(kept, accelerator))
+    return EvalResult(metrics, ordered, predictions)
+
+
+# ---------------------------------------------------------------------- baselines
+def target_mask(dataset: Any, index: int) -> np.ndarray:
+    """The original-resolution bool target ``H x W`` of sample ``index`` (no image decode for RLE)."""
+    record = dataset.records[index]
+    size = record.mask_size()
+    if size is None:  # polygons are rasterised at the image size
+        return dataset.load(index)[1]
+    return decode_mask(record.segmentation, *size, source=record.source)
+
+
+def box_mask(height: int, width: int, box: Sequence[float]) -> np.ndarray:
+    """Bool ``H x W`` mask of a box ``(x0, y0, x1, y1)`` in normalised [0, 1] coordinates."""
+    x0, y0, x1, y1 = box
+    r0, r1 = round(y0 * height), round(y1 * height)
+    c0, c1 = round(x0 * width), round(x1 * width)
+    mask = np.zeros((height, width), dtype=bool)
+    mask[r0:r1, c0:c1] = True
+    return mask
+
+
+def fit_fixed_box(dataset: Any, grid: int = 16) -> tuple[tuple[float, float, float, float], float]:
+    """The single box (on a ``grid`` lattice of normalised coordinates) maximising mIoU on ``dataset``.
+
+    Exact per-sample pixel counts via a summed-area table sampled at the lattice lines
+    ``round(k / grid * H)``. Returns ``((x0, y0, x1, y1), mIoU)``.
+    """
+    lines = np.linspace(0.0, 1.0, grid + 1)
+    pairs = [(a, b) for a in range(grid + 1) for b in range(a + 1, grid + 1)]
+    lo = np.array([a for a, _ in pairs])
+    hi = np.array([b for _, b in pairs])
+    n = len(dataset)
+    score = np.zeros((len(pairs), len(pairs)))  # [y pair, x pair] sum of IoUs
+    for index in range(n):
+        mask = target_mask(dataset, index)
+        h, w = mask.shape
+        sat = np.zeros((h + 1, w + 1), dtype=np.int64)
+        sat[1:, 1:] = mask.cumsum(0).cumsum(1)
+        rows_at = np.rint(lines * h).astype(int)
+        cols_at = np.rint(lines * w).astype(int)
+        table = sat[rows_at][:, cols_at]  # (grid+1) x (grid+1) counts of the top-left rectangles
+        # inter[py, px] = T[y1, x1] - T[y0, x1] - T[y1, x0] + T[y0, x0] over every pair of lines.
+        inter = (table[hi][:, hi] - table[lo][:, hi] - table[hi][:, lo] + table[lo][:, lo]).astype(float)
+        box_area = np.outer(rows_at[hi] - rows_at[lo], cols_at[hi] - cols_at[lo]).astype(float)
+        union = box_area + mask.sum() - inter
+        score += np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    best = np.unravel_index(int(np.argmax(score)), score.shape)
+    (y0, y1), (x0, x1) = pairs[best[0]], pairs[best[1]]
+    box = (float(lines[x0]), float(lines[y0]), float(lines[x1]), float(lines[y1]))
+    return box, float(score[best] / max(n, 1))
+
+
+def evaluate_baselines(
+    dataset: Any,
+    train_dataset: Any | None = None,
+    grid: int = 16,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Trivial predictions scored by the same metrics: empty mask, full image and the best fixed box.
+
+    The box is fitted on ``train_dataset`` (never on ``dataset``); without it the box is skipped.
+    Returns ``{"empty": metrics, "full_image": metrics, "fixed_box": metrics, "fixed_box_coords":
+    [x0, y0, x1, y1], "fixed_box_train_mIoU": float}``.
+    """
+    box = None
+    out: dict[str, Any] = {}
+    if train_dataset is not None and len(train_dataset) > 0:
+        box, train_miou = fit_fixed_box(train_dataset, grid)
+        out["fixed_box_coords"], out["fixed_box_train_mIoU"] = list(box), train_miou
+    names = ["empty", "full_image"] + (["fixed_box"] if box is not None else [])
+    rows: dict[str, list[EvalRow]] = {name: [] for name in names}
+    for index in range(len(dataset)):
+        target = target_mask(dataset, index)
+        h, w = target.shape
+        record = dataset.records[index]
+        preds = {"empty": np.zeros((h, w), bool), "full_image": np.ones((h, w), bool)}
+        if box is not None:
+            preds["fixed_box"] = box_mask(h, w, box)
+        for name in names:
+            inter, union, pa, ta = pixel_counts(preds[name], target)
+            rows[name].append(EvalRow(index, record.sample_id or f"#{index}", record.sent, inter, union, pa, ta,
+                                      record.category_name, record.rule))
+    for name in names:
+        out[name] = summarize_rows(rows[name], thresholds, strict)[0]
+    return out
