@@ -50,8 +50,6 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     #: Training seconds spent over all sessions of the run.
     elapsed_s: float = 0.0
-    #: Epoch after which the last validation ran (-1: none yet).
-    last_val_epoch: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

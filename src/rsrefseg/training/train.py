@@ -170,22 +170,20 @@ def train(config: TrainConfig, resume: str | None = None, accelerator: Any | Non
         result = evaluate(model, val_ds, config.val_batch_size, accelerator, config.num_workers,
                           progress=config.progress, desc="val")
         summary = {k: result.metrics[k] for k in SUMMARY_KEYS if k in result.metrics}
-        state.history.append({"epoch": state.epoch - (state.batch_in_epoch == 0), "step": state.global_step,
-                              **summary})
-        state.last_val_epoch = state.epoch - (state.batch_in_epoch == 0)
+        done = state.epoch + state.batch_in_epoch / len(sampler)  # epochs completed (fractional if mid-epoch)
+        state.history.append({"epoch": done, "step": state.global_step, **summary})
         last_metrics = result.metrics
         if summary["mIoU"] > state.best_miou:
-            state.best_miou, state.best_step = summary["mIoU"], state.global_step
-            state.best_epoch = state.last_val_epoch
+            state.best_miou, state.best_step, state.best_epoch = summary["mIoU"], state.global_step, state.epoch
             if main:
-                save_best(ckpt_root, net, {"step": state.global_step, "epoch": state.best_epoch + 1, **summary})
+                save_best(ckpt_root, net, {"step": state.global_step, "epochs_done": done, **summary})
         accelerator.wait_for_everyone()
         if main:
             if writer is not None:
                 for key, value in summary.items():
                     if key != "n":
                         writer.add_scalar(f"val/{key}", value, state.global_step)
-            message = (f"val after epoch {state.last_val_epoch + 1} (step {state.global_step}): "
+            message = (f"val after {done:g} epoch(s) (step {state.global_step}): "
                        f"mIoU {100 * summary['mIoU']:.2f}  oIoU {100 * summary['oIoU']:.2f}  "
                        f"Pr@0.5 {100 * summary['Pr@0.5']:.2f}  (best mIoU {100 * state.best_miou:.2f})")
             (bar.write if bar is not None else print)(message)
@@ -261,10 +259,8 @@ def train(config: TrainConfig, resume: str | None = None, accelerator: Any | Non
                 last_saved = checkpoint()
             if stopped_by != "done":
                 break
-        if stopped_by != "done" and state.last_val_epoch != state.epoch - (state.batch_in_epoch == 0):
+        if stopped_by != "done" and state.batch_in_epoch > 0:  # stopped mid-epoch: validate and save here
             validate()
-            last_saved = checkpoint()
-        elif stopped_by != "done" and (last_saved is None or not last_saved.name.endswith(f"{state.global_step:08d}")):
             last_saved = checkpoint()
     finally:
         if bar is not None:
