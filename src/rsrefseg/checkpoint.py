@@ -66,7 +66,7 @@ def read_trained_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except Exception as exc:
         raise WeightsError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     return tensors, meta

@@ -135,7 +135,7 @@ def evaluate(
         num_workers=num_workers,
         generator=torch.Generator(),  # never draw from the global RNG (resumable training)
     )
-    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     keep_set = set(keep)
     rows: list[EvalRow] = []
     kept: list[tuple[int, np.ndarray]] = []
@@ -148,7 +148,7 @@ def evaluate(
         bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, dynamic_ncols=True)
     try:
         for batch in loader:
-            with autocast:
+            with autocast():
                 out = net(batch["pixel_values"].to(device), batch["text"])
             logits = out.mask_logits.float().cpu()  # B x 1 x S x S
             for i, meta in enumerate(batch["meta"]):

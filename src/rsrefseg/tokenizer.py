@@ -91,7 +91,7 @@ def save_offline_tokenizer(directory: str | Path, vocab_size: int = 600, max_len
 
 
 @functools.lru_cache(maxsize=4)
-def offline_tokenizer(vocab_size: int = 600, max_length: int = 64):  # noqa: ANN201 (transformers type)
+def offline_tokenizer(vocab_size: int = 600, max_length: int = 64):
     """An in-memory offline SiglipTokenizer (cached per process)."""
     from transformers import SiglipTokenizer
 

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from rsrefseg.data.datasets import ReferringDataset
 from rsrefseg.data.inspect import format_report, inspect_jsonl
 from rsrefseg.data.records import encode_mask
+from rsrefseg.errors import DataError
 
 
 def test_inspect_real_samples(data_formats_dir: Path, tmp_path: Path) -> None:
@@ -59,3 +62,10 @@ def test_inspect_reports_missing_images_mismatches_and_bad_masks(tmp_path: Path)
     without_images = inspect_jsonl(path)
     assert without_images["problems"] == 2  # the polygon's area needs the image size
     assert "size mismatches (image vs mask): 1" in format_report(report)
+
+
+def test_missing_image_folder_is_reported(data_formats_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nowhere: image folder not found"):
+        inspect_jsonl(data_formats_dir / "rrsisd_test_sample.jsonl", image_dir=tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"nowhere: image folder not found"):
+        ReferringDataset([], tmp_path / "nowhere", 64)

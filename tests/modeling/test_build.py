@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import tiny_images
 
 from rsrefseg import RSRefSeg
 from rsrefseg.build import PRESETS, clip_hf_config, sam_hf_config
 from rsrefseg.cli.model_cli import parameter_table
 from rsrefseg.errors import ConfigError, WeightsError
-from tests.conftest import tiny_images
 
 
 def test_presets_are_plain_builders() -> None:

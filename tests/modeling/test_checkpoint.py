@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tests.conftest import tiny_images
 
 from rsrefseg import RSRefSeg
 from rsrefseg.checkpoint import load_into
 from rsrefseg.errors import CheckpointMismatchError, WeightsError
-from tests.conftest import tiny_images
 
 
 def _perturb(model: RSRefSeg) -> None:
@@ -79,5 +79,5 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model": {"preset": "tiny", "clip_model": "random:tiny",
                                                                 "sam_model": "random:tiny"}}))
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(WeightsError, match="model.safetensors"):
+    with pytest.raises(WeightsError, match=r"model\.safetensors"):
         RSRefSeg.from_pretrained(tmp_path)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import tiny_images
 
 from rsrefseg import RSRefSeg
 from rsrefseg.modeling.prompter import Prompter
-from tests.conftest import tiny_images
 
 
 def test_output_shapes(tiny_model: RSRefSeg) -> None:
@@ -26,8 +26,8 @@ def test_sparse_token_count_matches_paper() -> None:
     # SigLIP so400m at 384: 27 x 27 patches; two stride-2 downsamplings -> 7 x 7 = 49 tokens.
     assert Prompter.num_tokens(27, 2) == 49
     p = Prompter(in_channels=8, prompt_dim=16, down_spatial_times=2)
-    from transformers.models.sam.modeling_sam import SamPositionalEmbedding
     from transformers import SamVisionConfig
+    from transformers.models.sam.modeling_sam import SamPositionalEmbedding
 
     pe = SamPositionalEmbedding(SamVisionConfig(num_pos_feats=8))
     x = torch.randn(1, 8, 27, 27)

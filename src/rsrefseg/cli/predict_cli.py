@@ -203,8 +203,13 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from rsrefseg import __version__
-    from rsrefseg.inference.outputs import expression_names, image_dir_names, merge_summaries, peak_rss_mb
-    from rsrefseg.inference.outputs import write_summary
+    from rsrefseg.inference.outputs import (
+        expression_names,
+        image_dir_names,
+        merge_summaries,
+        peak_rss_mb,
+        write_summary,
+    )
     from rsrefseg.inference.predictor import Predictor
 
     state = _dist_state()

@@ -27,6 +27,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OverridesParser(argparse.ArgumentParser):
+    """A sub-command parser that keeps unknown ``--dotted.key value`` pairs in ``args.overrides``
+    (the main parser would otherwise reject them)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        parsed.overrides = list(getattr(parsed, "overrides", []) or []) + rest
+        return parsed, []
+
+
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
@@ -35,15 +45,9 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
+    p.__class__ = _OverridesParser  # same parser, plus override collection
     p.add_argument("--config", default=None, help="YAML config (see configs/); defaults apply without one")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="DIR|auto",
                    help="continue from a checkpoint folder, or the newest one of work_dir (auto, the default)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(func=_train, overrides=[], _parser=p)
-
-
-def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv`` keeping unknown ``--dotted.key value`` pairs in ``args.overrides``."""
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = rest
-    return args
+    p.set_defaults(func=_train, overrides=[])

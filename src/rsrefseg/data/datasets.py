@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rsrefseg.data.imageio import image_size, read_image
+from rsrefseg.data.imageio import image_size as header_size
+from rsrefseg.data.imageio import read_image
 from rsrefseg.data.records import RefRecord, decode_mask, read_jsonl, segmentation_size
 from rsrefseg.data.transforms import RESIZE_MODES, resize_image, resize_mask
 from rsrefseg.errors import DataError
@@ -117,6 +118,8 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         self.image_dir = Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise DataError(f"{self.image_dir}: image folder not found")
         self.image_size = int(image_size)
         self.resize_mode = resize_mode
         self.augment = augment
@@ -163,7 +166,7 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         if not path.is_file():
             return "missing image", str(path)
         try:
-            image_hw = image_size(path)
+            image_hw = header_size(path)
         except DataError as exc:
             return "unreadable image", str(exc)
         try:

@@ -240,6 +240,8 @@ def generate_records(
     if unknown:
         raise DataError(f"unknown rule(s) {sorted(unknown)} (known: {', '.join(RULES)})")
     _check_coco(coco, source)
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise DataError(f"{image_dir}: image folder not found")
     categories = {c["id"]: c["name"] for c in coco.get("categories", [])}
     anns_by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for ann in coco["annotations"]:

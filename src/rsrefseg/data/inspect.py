@@ -40,6 +40,8 @@ def inspect_jsonl(
     path: str | os.PathLike[str], image_dir: str | os.PathLike[str] | None = None
 ) -> dict[str, Any]:
     """Statistics of a JSONL file of records (see module docstring). Raises DataError for bad JSONL."""
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise DataError(f"{image_dir}: image folder not found")
     records = read_jsonl(path)
     problems: list[str] = []
     areas: list[int] = []

@@ -213,19 +213,22 @@ def _rle_parts(segmentation: Any, where: str) -> list[dict[str, Any]] | None:
 
 
 def _validated_rle(rle: dict[str, Any], where: str) -> tuple[dict[str, Any], np.ndarray]:
-    """Check an RLE dict and return it in pycocotools form (bytes counts) with its run lengths."""
+    """Check an RLE dict (``counts`` str, bytes or list) and return it in pycocotools form (bytes
+    counts) with its run lengths."""
     size = rle.get("size")
     counts = rle.get("counts")
     if (
         not isinstance(size, (list, tuple))
         or len(size) != 2
-        or not all(isinstance(v, int) and v >= 0 for v in size)
+        or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in size)
     ):
         raise DataError(f"{where}: RLE 'size' must be [height, width], got {size!r}")
     height, width = int(size[0]), int(size[1])
+    if isinstance(counts, bytes):  # in-memory pycocotools RLE
+        counts = counts.decode("ascii", errors="replace")
     if isinstance(counts, str):
         runs = _rle_string_counts(counts, where)
-    elif isinstance(counts, list) and all(isinstance(v, int) for v in counts):
+    elif isinstance(counts, list) and all(isinstance(v, (int, np.integer)) for v in counts):
         runs = np.asarray(counts, dtype=np.int64)
     else:
         raise DataError(f"{where}: RLE 'counts' must be a string or a list of integers")

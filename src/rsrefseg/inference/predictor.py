@@ -39,7 +39,7 @@ from rsrefseg.data.transforms import ResizeMeta, logits_to_original, resize_imag
 from rsrefseg.errors import ConfigError
 from rsrefseg.modeling.rsrefseg import ImageFeatures, RSRefSeg, TextFeatures
 
-__all__ = ["BatchLogits", "ImageInput", "Prediction", "Predictor", "check_expressions", "mask_score"]
+__all__ = ["BatchLogits", "ImageInput", "Prediction", "Predictor", "as_raster_image", "check_expressions", "mask_score"]
 
 #: What :meth:`Predictor.set_image` accepts: a file path, a read image, or an ``H x W x 3`` uint8 array.
 ImageInput = str | os.PathLike[str] | RasterImage | np.ndarray
@@ -111,7 +111,8 @@ def mask_score(logits: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean probability ``sigmoid(logits)`` over the True pixels of ``mask`` (same ``H x W``); 0.0 if empty."""
     if not bool(mask.any()):
         return 0.0
-    return float(torch.sigmoid(logits[mask].double()).mean())
+    inside = torch.sigmoid(logits[mask])  # n float values (only the mask pixels, not H x W)
+    return float(inside.sum(dtype=torch.float64) / inside.numel())
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -121,7 +122,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _as_raster_image(image: ImageInput, bands: tuple[int, ...] | None, valid: np.ndarray | None) -> RasterImage:
+def as_raster_image(image: ImageInput, bands: tuple[int, ...] | None, valid: np.ndarray | None) -> RasterImage:
     """Normalise a path / RasterImage / ``H x W x 3`` (or ``H x W``) uint8 array to a RasterImage."""
     if isinstance(image, RasterImage):
         return image
@@ -216,7 +217,7 @@ class Predictor:
             bands: 1-based bands for R, G, B when ``image`` is a path (e.g. ``(4, 3, 2)``).
             valid: ``H x W`` bool validity for array inputs (default: all valid).
         """
-        raster = _as_raster_image(image, bands, valid)
+        raster = as_raster_image(image, bands, valid)
         pixels, meta = resize_image(raster.rgb, self.size, self.resize_mode)  # 3 x S x S uint8
         batch = pixels.unsqueeze(0).to(self.device, torch.float32)  # 3 x S x S -> 1 x 3 x S x S
         self._features = self.model.encode_image(batch)
@@ -305,7 +306,8 @@ class Predictor:
     ) -> Prediction:
         """Threshold ``H x W`` logits into a :class:`Prediction` (mask False where ``valid`` is False)."""
         with torch.inference_mode():
-            mask = (logits > threshold) & valid
+            mask = logits > threshold
+            mask &= valid  # nodata pixels are never part of a mask
             score = mask_score(logits, mask)
             heat = None if heat_logits is None else torch.sigmoid(heat_logits).numpy()
         return Prediction(

@@ -42,7 +42,7 @@ import torch
 from rsrefseg.data.imageio import PIL_SUFFIXES, RasterImage, _select_bands
 from rsrefseg.errors import DataError
 from rsrefseg.inference.geo import GeoReference
-from rsrefseg.inference.predictor import ImageInput, Prediction, Predictor, _as_raster_image, check_expressions
+from rsrefseg.inference.predictor import ImageInput, Prediction, Predictor, as_raster_image, check_expressions
 from rsrefseg.inference.tiling import LogitStitcher, TileBox, tile_grid
 
 __all__ = [
@@ -253,7 +253,7 @@ def open_scene(image: ImageInput, bands: tuple[int, ...] | None = None,
         from rsrefseg.data.imageio import read_image
 
         return ArraySource(read_image(image, bands=bands, stretch=stretch))
-    return ArraySource(_as_raster_image(image, bands, None))
+    return ArraySource(as_raster_image(image, bands, None))
 
 
 @dataclass

@@ -86,7 +86,7 @@ class DualEncoder(nn.Module):
             hidden = vision(pixel_values=x).last_hidden_state[:, 1:]  # drop CLS: B x N x Cv
             # CLIP applies post_layernorm + projection only to CLS; do the same for every patch.
             tokens = self.model.visual_projection(vision.post_layernorm(hidden))  # B x N x D
-        b, n, d = tokens.shape
+        b, _, d = tokens.shape
         # B x N x D -> B x D x N -> B x D x h x w (row-major patch order).
         return tokens.transpose(1, 2).reshape(b, d, self.grid, self.grid)
 

@@ -41,14 +41,18 @@ def _hint(path: str) -> str:
 
 
 def load_base(jsonl: str, images: str, split: str | None, limit: int | None, what: str, size: int, mode: str,
-              skip_bad: bool) -> ReferringDataset:
-    """Read one split's records into a :class:`ReferringDataset`; one-line DataErrors for bad paths."""
+              skip_bad: bool, keys: tuple[str, str] | None = None) -> ReferringDataset:
+    """Read one split's records into a :class:`ReferringDataset`; one-line DataErrors for bad paths.
+
+    ``keys`` names the JSONL and image-folder settings in messages (default ``data.<what>_jsonl``...).
+    """
+    key_jsonl, key_images = keys or (f"data.{what}_jsonl", f"data.{what}_images")
     if not jsonl:
-        raise DataError(f"data.{what}_jsonl is not set in the config")
+        raise DataError(f"{key_jsonl} is not set")
     if not Path(jsonl).is_file():
-        raise DataError(f"data.{what}_jsonl: no such file: {jsonl}{_hint(jsonl)}")
+        raise DataError(f"{key_jsonl}: no such file: {jsonl}{_hint(jsonl)}")
     if not images or not Path(images).is_dir():
-        raise DataError(f"data.{what}_images: no such folder: {images or '(not set)'}{_hint(images)}")
+        raise DataError(f"{key_images}: no such folder: {images or '(not set)'}{_hint(images)}")
     records = filter_split(read_jsonl(jsonl), split, jsonl)
     if limit is not None:
         records = records[:limit]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,20 @@ class _LossLog:
         self.handle.close()
 
 
-def train(config: TrainConfig, resume: str | None = None, accelerator: Any | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    resume: str | None = None,
+    accelerator: Any | None = None,
+    step_callback: Callable[[TrainerState, Any], None] | None = None,
+) -> TrainResult:
     """Train (or resume) a run described by ``config``; returns a :class:`TrainResult`.
 
-    ``resume``: None (fresh run; refuses a work dir that already holds checkpoints), ``"auto"``
-    (the newest checkpoint of ``work_dir``, fresh start if none), or a checkpoint folder.
+    Args:
+        resume: None (fresh run; refuses a work dir that already holds checkpoints), ``"auto"``
+            (the newest checkpoint of ``work_dir``, fresh start if none), or a checkpoint folder.
+        accelerator: an ``Accelerator`` to use (default: one made from the config).
+        step_callback: called on every process after each optimizer step with the trainer state
+            and the unwrapped model (monitoring, tests).
     """
     from accelerate.utils import set_seed
 
@@ -232,6 +242,8 @@ def train(config: TrainConfig, resume: str | None = None, accelerator: Any | Non
                 state.batch_in_epoch += group
                 state.global_step += 1
                 step_loss = float(accelerator.reduce(total, "mean"))
+                if step_callback is not None:
+                    step_callback(state, net)
                 if main:
                     assert log is not None
                     log.write(state.global_step, epoch, step_loss, lr)

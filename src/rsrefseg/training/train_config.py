@@ -199,11 +199,12 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------- building from dicts
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^${}]*))?\}")
 
 
 def expand_env(value: str) -> str:
-    """Expand ``${VAR}`` / ``${VAR:-default}``; an unset variable without default is left as written."""
+    """Expand ``${VAR}`` / ``${VAR:-default}`` (defaults may nest: ``${A:-${B:-x}}``); an unset
+    variable without default is left as written."""
 
     def sub(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
@@ -211,7 +212,12 @@ def expand_env(value: str) -> str:
             return os.environ[name]
         return default if default is not None else match.group(0)
 
-    return _ENV.sub(sub, value)
+    for _ in range(8):  # innermost references first, then the ones holding them
+        expanded = _ENV.sub(sub, value)
+        if expanded == value:
+            break
+        value = expanded
+    return value
 
 
 def _plain(obj: Any) -> Any:
@@ -378,4 +384,4 @@ def dump_config(config: TrainConfig) -> str:
     """The config as YAML text (keys in declaration order)."""
     import yaml
 
-    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,420 @@
+"""Gradio web demo: upload an image, type referring expressions, see and download the masks.
+
+:func:`build_app` returns a ``gradio.Blocks`` (``rsrefseg serve`` launches it). The work is done by
+:class:`DemoService`, which has no Gradio dependency, so it can be tested directly:
+
+- the model is loaded **once** (a :class:`~rsrefseg.inference.predictor.Predictor`) and shared by
+  every request; a lock serialises model use, and the encoder runs **once per uploaded image**
+  (on upload, or on the first run for that file), every expression is decoded on the cached features;
+- uploads are read with :func:`rsrefseg.data.imageio.read_image`, so GeoTIFFs (16-bit, float,
+  multiband, nodata) work; their size (MB) and dimensions (pixels) are checked first, from the
+  file header, and a violation raises :class:`~rsrefseg.errors.DataError` naming the file and the
+  limit (shown in the page as a one-line ``gr.Error``);
+- each run writes, per expression, the same files as ``rsrefseg predict`` (mask PNG, overlay PNG,
+  and for georeferenced inputs a GeoTIFF mask and GeoJSON polygons) plus a heatmap PNG and one zip
+  of everything, into a private temporary folder (only the last few runs are kept).
+
+Nothing happens at import: gradio, torch and the model code are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+import zipfile
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rsrefseg.errors import ConfigError, DataError, RSRefSegError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import gradio
+    import numpy as np
+
+    from rsrefseg.inference.geo import GeoReference
+    from rsrefseg.inference.predictor import Prediction, Predictor
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_UPLOAD_MB",
+    "DemoResult",
+    "DemoService",
+    "Limits",
+    "build_app",
+    "parse_expressions",
+]
+
+log = logging.getLogger(__name__)
+
+#: Default upload cap in MB (10^6 bytes).
+DEFAULT_MAX_UPLOAD_MB = 50.0
+#: Default cap on ``H * W`` of an uploaded image (a 4096 x 4096 scene).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+#: Expressions accepted in one run.
+DEFAULT_MAX_EXPRESSIONS = 16
+#: Longest side of the previews, overlays and heatmaps shown in the page (masks stay full size).
+PREVIEW_MAX_SIDE = 1024
+#: File types offered by the upload dialog.
+UPLOAD_TYPES = [".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp", ".jp2"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (a violation is a one-line :class:`DataError` / :class:`ConfigError`)."""
+
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_expressions: int = DEFAULT_MAX_EXPRESSIONS
+
+
+@dataclass
+class DemoResult:
+    """What one run shows and offers.
+
+    Attributes:
+        overlays: ``(png path, caption)`` per expression, caption = the expression and its score.
+        heatmaps: ``(png path, caption)`` per expression: the text-activation heatmap.
+        downloads: The zip of every file first, then the mask PNGs, GeoJSONs and GeoTIFF masks.
+        summary: A Markdown table (expression, score, mask pixels, polygons, area).
+        records: The per-expression summary records of :func:`write_prediction_outputs`.
+    """
+
+    overlays: list[tuple[str, str]]
+    heatmaps: list[tuple[str, str]]
+    downloads: list[str]
+    summary: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Loaded:
+    """The image whose features the predictor holds."""
+
+    key: tuple[str, int, int]
+    preview: np.ndarray  # h x w x 3 uint8, longest side <= PREVIEW_MAX_SIDE
+    georef: GeoReference | None
+    height: int
+    width: int
+
+
+def parse_expressions(text: str | None, max_expressions: int = DEFAULT_MAX_EXPRESSIONS) -> list[str]:
+    """One expression per non-blank line (whitespace collapsed).
+
+    Raises:
+        ConfigError: no expression, or more than ``max_expressions``.
+    """
+    expressions = [" ".join(line.split()) for line in (text or "").splitlines() if line.strip()]
+    if not expressions:
+        raise ConfigError("type at least one referring expression (one per line)")
+    if len(expressions) > max_expressions:
+        raise ConfigError(f"{len(expressions)} expressions given; at most {max_expressions} per run")
+    return expressions
+
+
+def check_upload(path: str | os.PathLike[str], limits: Limits) -> tuple[int, int]:
+    """Check the file size and the image dimensions (header only) against ``limits``; return ``(H, W)``.
+
+    Raises:
+        DataError: missing/unreadable file, or a limit exceeded (the message names the file and the limit).
+    """
+    from rsrefseg.data.imageio import image_size
+
+    source = Path(path)
+    if not source.is_file():
+        raise DataError(f"{source.name}: uploaded file not found")
+    size_mb = source.stat().st_size / 1e6
+    if size_mb > limits.max_upload_mb:
+        raise DataError(
+            f"{source.name}: file is {size_mb:.1f} MB, above the upload limit of {limits.max_upload_mb:g} MB"
+        )
+    height, width = image_size(source)
+    if height * width > limits.max_pixels:
+        raise DataError(
+            f"{source.name}: image is {width} x {height} = {height * width / 1e6:.1f} MP, above the limit "
+            f"of {limits.max_pixels / 1e6:.1f} MP ({limits.max_pixels} pixels)"
+        )
+    return height, width
+
+
+def _preview(rgb: np.ndarray) -> np.ndarray:
+    """Downscale ``H x W x 3`` uint8 so that its longest side is at most :data:`PREVIEW_MAX_SIDE`."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    scale = PREVIEW_MAX_SIDE / max(h, w)
+    if scale >= 1:
+        return rgb
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+
+
+def heatmap_image(preview: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Blend the ``H x W`` [0, 1] ``heat`` (resized to the preview) in the ``inferno`` colormap over
+    ``preview`` (``h x w x 3`` uint8); returns ``h x w x 3`` uint8."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    h, w = preview.shape[:2]
+    small = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
+    colours = colormaps["inferno"](np.clip(small, 0.0, 1.0))[..., :3] * 255.0  # h x w x 3
+    return (preview.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+def _safe_stem(path: Path) -> str:
+    return re.sub(r"[^\w.-]+", "_", path.stem).strip("._") or "image"
+
+
+def _markdown_table(name: str, loaded: _Loaded, records: list[dict[str, Any]], seconds: float) -> str:
+    geo = "georeferenced" if loaded.georef is not None else "not georeferenced (no GeoJSON)"
+    lines = [
+        f"**{name}**: {loaded.width} x {loaded.height} px, {geo}; {len(records)} expression(s) in {seconds:.1f} s",
+        "",
+        "| # | expression | score | mask pixels | polygons | area (m²) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(records, start=1):
+        area = r.get("area_m2")
+        text = r["expression"].replace("|", "\\|")
+        lines.append(
+            f"| {i} | {text} | {r['score']:.3f} | {r['mask_pixels']} | {r.get('polygons', '-')} | "
+            f"{'-' if area is None else f'{area:,.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+class DemoService:
+    """The demo's work, independent of Gradio: one cached predictor, limits, per-run output folders.
+
+    Args:
+        predictor: The shared predictor (loaded once).
+        limits: Upload / dimension / expression-count limits.
+        workdir: Folder for run outputs (default: a new temporary folder, removed with the service).
+        keep_runs: Output folders of this many recent runs are kept (older ones are deleted).
+    """
+
+    def __init__(
+        self, predictor: Predictor, limits: Limits | None = None, workdir: str | Path | None = None, keep_runs: int = 8
+    ) -> None:
+        self.predictor = predictor
+        self.limits = limits or Limits()
+        if workdir is None:
+            workdir = tempfile.mkdtemp(prefix="rsrefseg-app-")
+            weakref.finalize(self, shutil.rmtree, workdir, True)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._runs: deque[Path] = deque()
+        self._keep_runs = max(1, keep_runs)
+        self._lock = threading.Lock()
+        self._loaded: _Loaded | None = None
+        self.encodes = 0  # number of set_image calls (one per distinct upload)
+
+    def _load(self, path: Path) -> _Loaded:
+        """Check limits and make sure the predictor holds ``path``'s features; call with the lock held."""
+        from rsrefseg.data.imageio import read_image
+        from rsrefseg.inference.geo import read_georeference
+
+        if not path.is_file():
+            raise DataError(f"{path.name}: uploaded file not found (upload it again)")
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if self._loaded is not None and self._loaded.key == key and self.predictor.is_image_set:
+            return self._loaded
+        check_upload(path, self.limits)
+        raster = read_image(path)
+        georef = read_georeference(path) if raster.transform is not None else None
+        self.predictor.set_image(raster)
+        self.encodes += 1
+        self._loaded = _Loaded(key, _preview(raster.rgb), georef, raster.height, raster.width)
+        return self._loaded
+
+    def load(self, path: str | os.PathLike[str]) -> np.ndarray:
+        """Check and encode an uploaded image; return its preview (``h x w x 3`` uint8)."""
+        with self._lock:
+            return self._load(Path(path)).preview
+
+    def _new_run_dir(self) -> Path:
+        run = Path(tempfile.mkdtemp(prefix="run-", dir=self.workdir))
+        self._runs.append(run)
+        while len(self._runs) > self._keep_runs:
+            shutil.rmtree(self._runs.popleft(), ignore_errors=True)
+        return run
+
+    def run(self, path: str | os.PathLike[str], text: str | None, threshold: float = 0.5) -> DemoResult:
+        """Segment every expression of ``text`` (one per line) on the image at ``path``.
+
+        Args:
+            path: The uploaded image.
+            text: Expressions, one per line.
+            threshold: Mask probability threshold in (0, 1).
+
+        Raises:
+            DataError / ConfigError: a limit is exceeded, the file cannot be read, no expression.
+        """
+        from rsrefseg.inference.outputs import expression_names, write_prediction_outputs
+
+        source = Path(path)
+        expressions = parse_expressions(text, self.limits.max_expressions)
+        if not 0.0 < threshold < 1.0:
+            raise ConfigError(f"the mask threshold must be in (0, 1), got {threshold}")
+        start = time.perf_counter()
+        with self._lock:
+            loaded = self._load(source)
+            predictions = self.predictor.predict(expressions, threshold=math.log(threshold / (1 - threshold)))
+        run_dir = self._new_run_dir()
+        folder = run_dir / _safe_stem(source)
+        names = expression_names(expressions)
+        records = [
+            write_prediction_outputs(folder, name, p, loaded.preview, source.name, loaded.georef)
+            for name, p in zip(names, predictions)
+        ]
+        heatmaps = self._write_heatmaps(folder, names, predictions, loaded.preview)
+        zip_path = run_dir / f"{folder.name}_masks.zip"
+        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file in sorted(folder.iterdir()):
+                if not file.name.endswith(".heatmap.png"):
+                    archive.write(file, f"{folder.name}/{file.name}")
+        downloads = [str(zip_path)]
+        for key in ("mask_png", "geojson", "mask_tif"):
+            downloads += [str(folder / r[key]) for r in records if key in r]
+        overlays = [
+            (str(folder / r["overlay_png"]), f"{r['expression']} (score {r['score']:.2f})") for r in records
+        ]
+        summary = _markdown_table(source.name, loaded, records, time.perf_counter() - start)
+        return DemoResult(overlays, heatmaps, downloads, summary, records)
+
+    @staticmethod
+    def _write_heatmaps(
+        folder: Path, names: list[str], predictions: list[Prediction], preview: np.ndarray
+    ) -> list[tuple[str, str]]:
+        from PIL import Image
+
+        out = []
+        for name, p in zip(names, predictions):
+            if p.heatmap is None:
+                continue
+            target = folder / f"{name}.heatmap.png"
+            Image.fromarray(heatmap_image(preview, p.heatmap)).save(target, format="PNG")
+            out.append((str(target), p.expression))
+        return out
+
+
+def _user_error(exc: BaseException) -> Exception:
+    """A ``gr.Error`` with a one-line message for ``exc`` (user errors as is, others prefixed)."""
+    import gradio as gr
+
+    if isinstance(exc, RSRefSegError):
+        message = " ".join(str(exc).split())
+    else:
+        log.exception("rsrefseg demo: unexpected error")
+        message = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+    return gr.Error(message, print_exception=False)
+
+
+def make_handlers(service: DemoService) -> tuple[Any, Any]:
+    """The Gradio callbacks ``(on_upload(file) -> preview, on_run(file, text, threshold) -> outputs)``;
+    every failure becomes a one-line ``gr.Error``."""
+
+    def on_upload(file: str | None) -> np.ndarray | None:
+        if not file:
+            return None
+        try:
+            return service.load(file)
+        except Exception as exc:
+            raise _user_error(exc) from None
+
+    def on_run(file: str | None, text: str, threshold: float) -> tuple[Any, ...]:
+        if not file:
+            raise _user_error(ConfigError("upload an image first"))
+        try:
+            result = service.run(file, text, float(threshold))
+        except Exception as exc:
+            raise _user_error(exc) from None
+        return result.overlays, result.heatmaps, result.downloads, result.summary
+
+    return on_upload, on_run
+
+
+def build_app(
+    predictor_or_checkpoint: Predictor | str | os.PathLike[str],
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    concurrency: int = 1,
+    max_queue: int = 32,
+    max_expressions: int = DEFAULT_MAX_EXPRESSIONS,
+    device: str | None = None,
+) -> gradio.Blocks:
+    """Build the demo page (the model is loaded here, once, when given a checkpoint directory).
+
+    Args:
+        predictor_or_checkpoint: A :class:`Predictor`, or a checkpoint directory to load one from.
+        max_upload_mb: Largest accepted upload, in MB.
+        max_pixels: Largest accepted ``H * W``.
+        concurrency: Requests processed at once; further ones wait in the queue.
+        max_queue: Requests allowed to wait (more are refused with "queue is full").
+        max_expressions: Expressions accepted per run.
+        device: Device for a checkpoint loaded here (``None``: CUDA when available).
+
+    Returns:
+        The ``gradio.Blocks``, queue configured; call ``.launch()`` on it.
+    """
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    from rsrefseg.inference.predictor import Predictor
+
+    if concurrency < 1 or max_queue < 1 or max_upload_mb <= 0 or max_pixels < 1:
+        raise ConfigError("concurrency, max_queue, max_upload_mb and max_pixels must be positive")
+    if isinstance(predictor_or_checkpoint, Predictor):
+        predictor = predictor_or_checkpoint
+    else:
+        predictor = Predictor.from_pretrained(predictor_or_checkpoint, device=device)
+    service = DemoService(predictor, Limits(max_upload_mb, max_pixels, max_expressions))
+    on_upload, on_run = make_handlers(service)
+
+    limits_text = (
+        f"Limits: {max_upload_mb:g} MB per upload, {max_pixels / 1e6:.1f} megapixels, "
+        f"{max_expressions} expressions per run."
+    )
+    with gr.Blocks(title="RSRefSeg demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "## RSRefSeg: referring remote-sensing segmentation\n"
+            "Upload an image (JPEG, PNG or GeoTIFF), type one referring expression per line and press "
+            f"**Segment**. {limits_text}"
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="Image (JPEG / PNG / GeoTIFF)", file_types=UPLOAD_TYPES,
+                                 type="filepath", elem_id="rsrefseg-upload")
+                preview = gr.Image(label="Uploaded image", interactive=False, type="numpy",
+                                   elem_id="rsrefseg-preview", height=320)
+                text = gr.Textbox(label="Referring expressions (one per line)", lines=4,
+                                  placeholder="the large white building\nthe ship on the left",
+                                  elem_id="rsrefseg-expressions")
+                threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Mask probability threshold",
+                                      elem_id="rsrefseg-threshold")
+                run = gr.Button("Segment", variant="primary", elem_id="rsrefseg-run")
+            with gr.Column(scale=2):
+                overlays = gr.Gallery(label="Overlays", columns=2, height=420, object_fit="contain",
+                                      elem_id="rsrefseg-overlays")
+                heatmaps = gr.Gallery(label="Activation heatmaps", columns=4, height=220,
+                                      object_fit="contain", elem_id="rsrefseg-heatmaps")
+                downloads = gr.File(label="Downloads (zip, mask PNGs, GeoJSON)", file_count="multiple",
+                                    interactive=False, elem_id="rsrefseg-downloads")
+                summary = gr.Markdown(elem_id="rsrefseg-summary")
+        upload.upload(on_upload, inputs=upload, outputs=preview)
+        upload.clear(lambda: None, outputs=preview, queue=False)
+        run.click(on_run, inputs=[upload, text, threshold], outputs=[overlays, heatmaps, downloads, summary])
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
+    return demo

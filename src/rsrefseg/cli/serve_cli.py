@@ -1,0 +1,106 @@
+"""``rsrefseg serve``: the Gradio web demo (upload an image, type expressions, download masks).
+
+The checkpoint is loaded once at startup; every request reuses it. Requests beyond
+``--concurrency`` wait in a queue (at most ``--max-queue``). Uploads larger than
+``--max-upload-mb`` or with more than ``--max-pixels`` pixels are refused with a one-line message.
+The page never contacts the internet: Gradio analytics are off and no share link is created.
+Needs the ``app`` extra (``pip install 'rsrefseg[app]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any
+
+from rsrefseg.app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB
+from rsrefseg.errors import ConfigError
+
+
+def _parse_pixels(text: str) -> int:
+    """``N`` pixels or ``HxW``."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel count N or HxW, got {text!r}") from None
+    if len(parts) > 2 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive pixel count N or HxW, got {text!r}")
+    return math.prod(parts)
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {port}")
+    return port
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the checkpoint, build the page and serve it until interrupted."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401
+    except ModuleNotFoundError:
+        raise ConfigError("the web demo needs gradio: pip install 'rsrefseg[app]'") from None
+    from rsrefseg.app import build_app
+
+    demo = build_app(
+        args.checkpoint,
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        concurrency=args.concurrency,
+        max_queue=args.max_queue,
+        device=args.device,
+    )
+    print(f"rsrefseg serve: http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    try:
+        demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            inbrowser=False,
+            ssr_mode=False,
+            # Gradio's own cap, a backstop above ours so that our clearer message is the one shown.
+            max_file_size=f"{math.ceil(args.max_upload_mb * 2 + 1)}mb",
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({' '.join(str(exc).split())})") from None
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``rsrefseg serve``."""
+    p = subparsers.add_parser(
+        "serve", help="web demo: upload an image, type expressions, see and download masks (Gradio)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="trained checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
+    p.add_argument("--max-upload-mb", type=_positive(float), default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
+                   help=f"largest accepted upload in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
+    p.add_argument("--max-pixels", type=_parse_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="largest accepted image, as a pixel count N or HxW (default 4096x4096)")
+    p.add_argument("--concurrency", type=_positive(int), default=1,
+                   help="requests processed at once; others wait in the queue (default 1)")
+    p.add_argument("--max-queue", type=_positive(int), default=32, metavar="N",
+                   help="requests allowed to wait; more are refused (default 32)")
+    p.add_argument("--device", help="torch device (default: CUDA when available, else CPU)")
+    p.set_defaults(func=run)

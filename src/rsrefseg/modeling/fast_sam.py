@@ -1,0 +1,291 @@
+"""A faster SAM vision attention (drop-in, same parameters) for the Hugging Face ``SamModel``.
+
+Hugging Face's ``SamVisionAttention`` / ``SamVisionSdpaAttention`` add SAM's decomposed relative
+positions as a ``B*heads x N x N`` bias built by a broadcast add of two permuted (non-contiguous)
+einsum results followed by a reshape, which copies it once more with a strided gather. For SAM
+ViT-B at 1024^2 that is an 805 MB tensor written twice per global layer, slower than the attention
+itself. Here:
+
+- ``rel_h``/``rel_w`` come from two small batched matmuls (the relative-position tables are
+  gathered with a strided view instead of an index);
+- the bias is materialised contiguously for a block of query rows (or windows) at a time, into one
+  reused buffer small enough to stay in cache, and ``scaled_dot_product_attention`` runs per block;
+- windowed layers run ``qkv`` on the real tokens only and give padding tokens ``qkv(0)``, exactly
+  what the padded zeros of the reference produce, and ``proj`` only on the real tokens;
+- without gradients, the MLP's ``Linear + GELU`` runs as one oneDNN op when both layers are plain
+  ``nn.Linear`` on the CPU (after ``merge_lora``; LoRA layers are always called as modules).
+
+:func:`enable_fast_sam` swaps the classes of the attention and layer modules in place: parameter
+names, checkpoints and LoRA wrappers are unchanged, and :func:`disable_fast_sam` swaps them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer
+
+#: Bytes of attention bias materialised at once (one block of query rows or windows).
+BIAS_BLOCK_BYTES = 8 * 1024 * 1024
+
+
+def rel_pos_table(rel_pos: torch.Tensor, q_size: int, k_size: int) -> torch.Tensor:
+    """``q_size x k_size x C`` relative-position embeddings, as ``SamVisionAttention.get_rel_pos``.
+
+    When the table already has ``2 * size - 1`` rows (always, for square windows at the trained
+    size) this is a strided view (``R[i, j] = rel_pos[i - j + size - 1]``), with no interpolation
+    and no gather; otherwise it follows the reference (linear interpolation, scaled coordinates).
+    """
+    if q_size == k_size and rel_pos.shape[0] == 2 * q_size - 1:
+        # flipped[m] = rel_pos[2k-2-m]; windows[s, :, j] = flipped[s + j] = rel_pos[2k-2-s-j];
+        # row i of the result is window k-1-i: rel_pos[k-1+i-j].
+        windows = rel_pos.flip(0).unfold(0, k_size, 1)  # k x C x k
+        return windows.flip(0).transpose(1, 2)  # q x k x C
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).transpose(1, 2), size=max_rel_dist, mode="linear")
+    resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return resized[relative.long()]
+
+
+def _blocks(total: int, per_item_bytes: int) -> int:
+    """How many items (query rows or windows) fit in one bias block (at least one)."""
+    return max(1, min(total, BIAS_BLOCK_BYTES // max(1, per_item_bytes)))
+
+
+def attention_with_rel_pos(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rel_pos_h: torch.Tensor | None,
+    rel_pos_w: torch.Tensor | None,
+    size: tuple[int, int],
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention with SAM's decomposed relative positions, in cache-sized blocks.
+
+    Args:
+        query, key, value: ``B x heads x N x d`` (any strides with a contiguous last dimension),
+            ``N = height * width`` in row-major order.
+        rel_pos_h, rel_pos_w: the module's tables (``None``: no relative positions).
+        size: ``(height, width)`` of the token grid.
+        scale: softmax scale applied to ``q @ k^T`` (not to the relative-position terms).
+
+    Returns:
+        ``B x N x heads x d``, contiguous.
+    """
+    b, heads, n, d = query.shape
+    height, width = size
+    out = query.new_empty(b, n, heads, d)
+    if rel_pos_h is None or rel_pos_w is None:
+        o = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale)
+        out.copy_(o.transpose(1, 2))
+        return out
+    table_h = rel_pos_table(rel_pos_h, height, height).to(query.dtype)  # h x h x d
+    table_w = rel_pos_table(rel_pos_w, width, width).to(query.dtype)  # w x w x d
+    q5 = query.view(b, heads, height, width, d)
+    # rel_h[b, n, i, j, a] = q[b, n, i, j] . table_h[i, a]; rel_w[..., c] = q[b, n, i, j] . table_w[j, c]
+    rel_h = torch.matmul(q5.permute(2, 0, 1, 3, 4).reshape(height, -1, d), table_h.transpose(1, 2))
+    rel_h = rel_h.view(height, b, heads, width, height).permute(1, 2, 0, 3, 4)  # b x n x h x w x h
+    rel_w = torch.matmul(q5.permute(3, 0, 1, 2, 4).reshape(width, -1, d), table_w.transpose(1, 2))
+    rel_w = rel_w.view(width, b, heads, height, width).permute(1, 2, 3, 0, 4)  # b x n x h x w x w
+    row_bytes = heads * width * n * query.element_size()  # bias of one query row, one batch item
+    need_grad = torch.is_grad_enabled() and (query.requires_grad or rel_pos_h.requires_grad)
+    if b > 1 and row_bytes * height <= BIAS_BLOCK_BYTES:
+        # Small grids (windows): blocks of whole batch items (windows).
+        step = _blocks(b, row_bytes * height)
+        buffer = None if need_grad else query.new_empty(step, heads, height, width, height, width)
+        for start in range(0, b, step):
+            stop = min(b, start + step)
+            lhs, rhs = rel_h[start:stop, ..., None], rel_w[start:stop, ..., None, :]
+            if buffer is None:
+                bias = (lhs + rhs).contiguous()
+            else:
+                bias = torch.add(lhs, rhs, out=buffer[: stop - start])
+            o = F.scaled_dot_product_attention(
+                query[start:stop], key[start:stop], value[start:stop],
+                attn_mask=bias.view(stop - start, heads, n, n), dropout_p=dropout, scale=scale,
+            )
+            out[start:stop] = o.transpose(1, 2)
+        return out
+    step = _blocks(height, row_bytes)
+    buffer = None if need_grad else query.new_empty(heads, step, width, height, width)
+    out_rows = out.view(b, height, width, heads, d)
+    for i in range(b):
+        for start in range(0, height, step):
+            stop = min(height, start + step)
+            lhs, rhs = rel_h[i, :, start:stop, ..., None], rel_w[i, :, start:stop, :, None, :]
+            if buffer is None:
+                bias = (lhs + rhs).contiguous()
+            else:
+                bias = torch.add(lhs, rhs, out=buffer[:, : stop - start])
+            rows = slice(start * width, stop * width)
+            o = F.scaled_dot_product_attention(
+                query[i : i + 1, :, rows], key[i : i + 1], value[i : i + 1],
+                attn_mask=bias.view(1, heads, (stop - start) * width, n), dropout_p=dropout, scale=scale,
+            )
+            out_rows[i, start:stop] = o[0].transpose(0, 1).view(stop - start, width, heads, d)
+    return out
+
+
+def _grid_blocks(windows: torch.Tensor, plain: torch.Tensor, s: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching views of the real tokens in a window grid and in the plain token map.
+
+    Args:
+        windows: ``B x gh x s x gw x s x C``, the window grid seen as a (padded) image.
+        plain: ``B x H x W x C``.
+
+    Yields:
+        Up to four pairs (full windows, right column, bottom row, corner) of equal shapes, each
+        made just before it is used (views made before an in-place copy would confuse autograd).
+    """
+    b, height, width, c = plain.shape
+    fh, th = divmod(height, s)
+    fw, tw = divmod(width, s)
+    if fh and fw:
+        yield windows[:, :fh, :, :fw], plain[:, : fh * s, : fw * s].view(b, fh, s, fw, s, c)
+    if fh and tw:
+        yield windows[:, :fh, :, fw, :tw], plain[:, : fh * s, fw * s :].view(b, fh, s, tw, c)
+    if th and fw:
+        yield windows[:, fh, :th, :fw], plain[:, fh * s :, : fw * s].view(b, th, fw, s, c)
+    if th and tw:
+        yield windows[:, fh, :th, fw, :tw], plain[:, fh * s :, fw * s :]
+
+
+class FastSamVisionAttention(SamVisionAttention):
+    """``SamVisionAttention`` with a faster forward (same parameters; installed by class swap).
+
+    ``forward(x)`` takes ``B x H x W x C`` tokens exactly like the reference (already windowed
+    when the caller windows); ``forward(x, window_size=s)`` windows (and pads) internally,
+    computing ``qkv`` and ``proj`` on the real tokens only.
+    """
+
+    def forward(  # type: ignore[override]
+        self, hidden_states: torch.Tensor, output_attentions: bool | None = None, window_size: int = 0
+    ) -> tuple[torch.Tensor, None]:
+        b, height, width, channels = hidden_states.shape
+        heads = self.num_attention_heads
+        qkv = self.qkv(hidden_states)  # B x H x W x 3C
+        s = window_size
+        windowed = s > 0 and (height, width) != (s, s)
+        if windowed:
+            qkv = self._partition(hidden_states, qkv, s)  # B*gh*gw x s x s x 3C
+        size = (s, s) if windowed else (height, width)
+        n = size[0] * size[1]
+        # B' x N x 3 x heads x d -> 3 x B' x heads x N x d (views, no copy).
+        q, k, v = qkv.reshape(-1, n, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        rel_h, rel_w = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
+        dropout = self.dropout if self.training else 0.0
+        attn = attention_with_rel_pos(q, k, v, rel_h, rel_w, size, self.scale, dropout)  # B' x N x heads x d
+        if windowed:
+            # B*gh*gw x s x s x C windows -> the B x H x W x C real tokens (one copy).
+            grid = attn.view(b, -(-height // s), -(-width // s), s, s, channels).permute(0, 1, 3, 2, 4, 5)
+            plain = attn.new_empty(b, height, width, channels)
+            for src, dst in _grid_blocks(grid, plain, s):
+                dst.copy_(src)
+            attn = plain
+        return self.proj(attn.view(b, height, width, channels)), None
+
+    def _partition(self, hidden_states: torch.Tensor, qkv: torch.Tensor, s: int) -> torch.Tensor:
+        """``B x H x W x 3C`` -> ``B*gh*gw x s x s x 3C`` windows in one copy.
+
+        The reference pads the normalised tokens with zeros before ``qkv``, so padding tokens get
+        ``qkv(0)`` (the bias, through LoRA too) here, without running ``qkv`` on them.
+        """
+        b, height, width, c3 = qkv.shape
+        grid_h, grid_w = -(-height // s), -(-width // s)
+        windows = qkv.new_empty(b, grid_h, grid_w, s, s, c3)
+        grid = windows.permute(0, 1, 3, 2, 4, 5)  # B x gh x s x gw x s x 3C view
+        tail_h, tail_w = height % s, width % s
+        if tail_h or tail_w:
+            pad = self.qkv(hidden_states.new_zeros(1, 1, 1, hidden_states.shape[-1])).reshape(c3)
+            if tail_h:
+                grid[:, height // s, tail_h:] = pad
+            if tail_w:
+                grid[:, :, :, width // s, tail_w:] = pad
+        for dst, src in _grid_blocks(grid, qkv, s):
+            dst.copy_(src)
+        return windows.view(b * grid_h * grid_w, s, s, c3)
+
+
+def _fused_linear_gelu_ok(mlp: nn.Module, x: torch.Tensor) -> bool:
+    lin1, lin2 = getattr(mlp, "lin1", None), getattr(mlp, "lin2", None)
+    return (
+        x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and type(lin1) is nn.Linear
+        and type(lin2) is nn.Linear
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and lin1.weight.dtype == x.dtype  # type: ignore[union-attr]
+        and getattr(getattr(mlp, "act", None), "act", None) is F.gelu
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SAM's MLP (lin1 -> exact GELU -> lin2); one fused oneDNN op for lin1 + GELU when possible."""
+    if _fused_linear_gelu_ok(mlp, x):
+        lin1, lin2 = mlp.lin1, mlp.lin2
+        shape = x.shape
+        hidden = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), lin1.weight, lin1.bias, "gelu", [], "none")
+        return lin2(hidden).view(*shape[:-1], -1)
+    return mlp(x)
+
+
+class FastSamVisionLayer(SamVisionLayer):
+    """``SamVisionLayer`` whose attention windows internally (see :class:`FastSamVisionAttention`)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        residual = hidden_states
+        x = self.layer_norm1(hidden_states)
+        if isinstance(self.attn, FastSamVisionAttention):
+            x, _ = self.attn(x, window_size=self.window_size)
+        else:  # pragma: no cover - attention swapped back by hand
+            return super().forward(hidden_states)
+        hidden_states = x.add_(residual) if not torch.is_grad_enabled() else x + residual
+        mlp_out = mlp_forward(self.mlp, self.layer_norm2(hidden_states))
+        return mlp_out.add_(hidden_states) if not torch.is_grad_enabled() else mlp_out + hidden_states
+
+
+_SWAPS: list[tuple[type[nn.Module], type[nn.Module]]] = [
+    (SamVisionAttention, FastSamVisionAttention),
+    (SamVisionLayer, FastSamVisionLayer),
+]
+
+
+def enable_fast_sam(model: nn.Module) -> int:
+    """Switch every SAM vision attention (and its layer) in ``model`` to the fast forward, in place.
+
+    Works on an ``RSRefSeg``, a ``SamModel`` or a ``SamVisionEncoder``; parameter names and
+    values, LoRA wrappers and hooks are untouched. Returns the number of attention layers
+    switched (already-fast layers count too), so ``0`` means the model has no SAM vision encoder.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, SamVisionAttention):
+            module.__dict__.setdefault("_rsrefseg_original_class", type(module))
+            module.__class__ = FastSamVisionAttention
+            count += 1
+        elif isinstance(module, SamVisionLayer):
+            module.__dict__.setdefault("_rsrefseg_original_class", type(module))
+            module.__class__ = FastSamVisionLayer
+    return count
+
+
+def disable_fast_sam(model: nn.Module) -> int:
+    """Undo :func:`enable_fast_sam`; returns the number of attention layers switched back."""
+    count = 0
+    for module in model.modules():
+        original = module.__dict__.pop("_rsrefseg_original_class", None)
+        if original is not None:
+            module.__class__ = original
+            count += isinstance(module, SamVisionAttention)
+    return count

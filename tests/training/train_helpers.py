@@ -1,0 +1,109 @@
+"""Helpers of the training/evaluation tests: a synthetic referring dataset and a micro model config.
+
+The synthetic set has small RGB images with a red square and a blue disc on noise; expressions
+("the red square", "the blue circle", "the square on the left"...) refer to one shape each. The
+micro model is the ``tiny`` preset at a 64-pixel input, so a training step takes a few ms.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: ``tiny`` at a 64 x 64 input (SAM grid 4, CLIP grid 4): the fastest model the classes allow.
+MICRO_OVERRIDES: dict[str, Any] = {
+    "sam_image_size": 64,
+    "clip_image_size": 64,
+    "arch_overrides": {"sam": {"vision_config": {"image_size": 64, "window_size": 4}},
+                       "clip": {"vision_config": {"image_size": 64}}},
+}
+
+
+def make_synthetic(root: Path, n_train: int = 24, n_val: int = 10, seed: int = 0) -> dict[str, Path]:
+    """Write ``images/*.png``, ``train.jsonl`` and ``val.jsonl`` (two records per image) under ``root``."""
+    from PIL import Image
+
+    from rsrefseg.data.records import RefRecord, encode_mask, write_jsonl
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[RefRecord]] = {"train": [], "val": []}
+    for k in range(n_train + n_val):
+        split = "train" if k < n_train else "val"
+        h, w = int(rng.integers(40, 72)), int(rng.integers(40, 72))
+        image = rng.integers(0, 90, size=(h, w, 3)).astype(np.uint8)
+        yy, xx = np.mgrid[0:h, 0:w]
+        s = int(rng.integers(8, 14))
+        sy, sx = int(rng.integers(0, h - s)), int(rng.integers(0, w // 2 - s // 2))
+        square = (yy >= sy) & (yy < sy + s) & (xx >= sx) & (xx < sx + s)
+        r = int(rng.integers(4, 8))
+        cy, cx = int(rng.integers(r, h - r)), int(rng.integers(w // 2 + r // 2, w - r))
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        image[square] = (220, 30, 30)
+        image[disc] = (30, 60, 230)
+        name = f"{k:03d}.png"
+        Image.fromarray(image).save(root / "images" / name)
+        for sent, mask, cat in (("the red square", square, "square"), ("the blue circle", disc, "circle")):
+            if rng.random() < 0.3:
+                sent = "the square on the left" if cat == "square" else "the circle on the right"
+            splits[split].append(RefRecord(image_id=k, sent=sent, file_name=name, segmentation=encode_mask(mask),
+                                           split=split, category_name=cat, rule="only"))
+    paths = {"root": root, "images": root / "images"}
+    for split, records in splits.items():
+        write_jsonl(records, root / f"{split}.jsonl")
+        paths[split] = root / f"{split}.jsonl"
+    return paths
+
+
+def micro_config(data: dict[str, Path], work_dir: Path, **top: Any) -> dict[str, Any]:
+    """A training config dict for the micro model on the synthetic set; ``top`` overrides keys."""
+    config: dict[str, Any] = {
+        "model": {"preset": "tiny", "random_init": True, "overrides": dict(MICRO_OVERRIDES)},
+        "data": {"train_jsonl": str(data["train"]), "train_images": str(data["images"]),
+                 "val_jsonl": str(data["val"]), "val_images": str(data["images"]), "cache": False},
+        "optim": {"lr": 1e-3},
+        "schedule": {"epochs": 2, "warmup_steps": 3},
+        "loss": {"bce_weight": 5.0, "dice_weight": 1.0},
+        "work_dir": str(work_dir),
+        "batch_size": 4,
+        "tensorboard": False,
+        "progress": False,
+        "report_overlays": 1,
+    }
+    for key, value in top.items():
+        section, _, name = key.partition("__")
+        if name:
+            config[section][name] = value
+        else:
+            config[key] = value
+    return config
+
+
+def write_yaml(config: dict[str, Any], path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def cli_env() -> dict[str, str]:
+    """Environment of CLI subprocesses: one thread each (reproducible numerics), quiet libraries."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    return env
+
+
+def rsrefseg_cmd(*args: str) -> list[str]:
+    """``python -m rsrefseg ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "rsrefseg", *args]
+
+
+def accelerate_cmd(n: int, *args: str) -> list[str]:
+    """``accelerate launch --cpu --num_processes n ARGS`` with this interpreter's accelerate."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
