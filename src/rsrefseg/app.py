@@ -43,19 +43,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from rsrefseg.inference.geo import GeoReference
     from rsrefseg.inference.predictor import Prediction, Predictor
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "DEFAULT_MAX_UPLOAD_MB",
-    "DemoResult",
-    "DemoService",
-    "Limits",
-    "build_app",
-    "parse_expressions",
-]
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_MB", "DemoResult", "DemoService", "Limits", "build_app",
+           "check_upload", "heatmap_image", "make_handlers", "parse_expressions"]
 
 log = logging.getLogger(__name__)
 
-#: Default upload cap in MB (10^6 bytes).
+#: Default upload cap in MB (here and in Gradio's own cap, 1 MB = 2**20 bytes).
 DEFAULT_MAX_UPLOAD_MB = 50.0
 #: Default cap on ``H * W`` of an uploaded image (a 4096 x 4096 scene).
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -131,16 +124,16 @@ def check_upload(path: str | os.PathLike[str], limits: Limits) -> tuple[int, int
     source = Path(path)
     if not source.is_file():
         raise DataError(f"{source.name}: uploaded file not found")
-    size_mb = source.stat().st_size / 1e6
+    size_mb = source.stat().st_size / 2**20
     if size_mb > limits.max_upload_mb:
         raise DataError(
-            f"{source.name}: file is {size_mb:.1f} MB, above the upload limit of {limits.max_upload_mb:g} MB"
+            f"{source.name}: file is {size_mb:.3g} MB, above the upload limit of {limits.max_upload_mb:g} MB"
         )
     height, width = image_size(source)
     if height * width > limits.max_pixels:
         raise DataError(
-            f"{source.name}: image is {width} x {height} = {height * width / 1e6:.1f} MP, above the limit "
-            f"of {limits.max_pixels / 1e6:.1f} MP ({limits.max_pixels} pixels)"
+            f"{source.name}: image is {width} x {height} = {height * width / 1e6:.3g} MP, above the limit "
+            f"of {limits.max_pixels / 1e6:.3g} MP ({limits.max_pixels} pixels)"
         )
     return height, width
 
@@ -384,7 +377,7 @@ def build_app(
     on_upload, on_run = make_handlers(service)
 
     limits_text = (
-        f"Limits: {max_upload_mb:g} MB per upload, {max_pixels / 1e6:.1f} megapixels, "
+        f"Limits: {max_upload_mb:g} MB per upload, {max_pixels / 1e6:.3g} megapixels, "
         f"{max_expressions} expressions per run."
     )
     with gr.Blocks(title="RSRefSeg demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
@@ -406,15 +399,20 @@ def build_app(
                                       elem_id="rsrefseg-threshold")
                 run = gr.Button("Segment", variant="primary", elem_id="rsrefseg-run")
             with gr.Column(scale=2):
-                overlays = gr.Gallery(label="Overlays", columns=2, height=420, object_fit="contain",
-                                      elem_id="rsrefseg-overlays")
-                heatmaps = gr.Gallery(label="Activation heatmaps", columns=4, height=220,
+                # Headings instead of gallery labels: a label would hide the overlays' title bars.
+                gr.Markdown("**Overlays** (mask in red, outline in yellow; one per expression)")
+                overlays = gr.Gallery(label="Overlays", show_label=False, columns=2, height=420,
+                                      object_fit="contain", elem_id="rsrefseg-overlays")
+                gr.Markdown("**Activation heatmaps** (text-image activation, dark = low, bright = high)")
+                heatmaps = gr.Gallery(label="Activation heatmaps", show_label=False, columns=4, height=220,
                                       object_fit="contain", elem_id="rsrefseg-heatmaps")
                 downloads = gr.File(label="Downloads (zip, mask PNGs, GeoJSON)", file_count="multiple",
                                     interactive=False, elem_id="rsrefseg-downloads")
                 summary = gr.Markdown(elem_id="rsrefseg-summary")
-        upload.upload(on_upload, inputs=upload, outputs=preview)
+        # Both events use the model: they share one concurrency limit (the rest waits in the queue).
+        upload.upload(on_upload, inputs=upload, outputs=preview, concurrency_id="model")
         upload.clear(lambda: None, outputs=preview, queue=False)
-        run.click(on_run, inputs=[upload, text, threshold], outputs=[overlays, heatmaps, downloads, summary])
+        run.click(on_run, inputs=[upload, text, threshold], outputs=[overlays, heatmaps, downloads, summary],
+                  concurrency_id="model")
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return demo

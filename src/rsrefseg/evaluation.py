@@ -192,6 +192,16 @@ def box_mask(height: int, width: int, box: Sequence[float]) -> np.ndarray:
     return mask
 
 
+def _corner_counts(mask: np.ndarray, rows_at: np.ndarray, cols_at: np.ndarray) -> np.ndarray:
+    """``T[i, j]`` = foreground pixels of ``mask[:rows_at[i], :cols_at[j]]`` (bool ``H x W`` mask)."""
+    table = np.zeros((len(rows_at), len(cols_at)), dtype=np.int64)
+    for i in range(1, len(rows_at)):
+        band = np.count_nonzero(mask[rows_at[i - 1] : rows_at[i]], axis=0)  # W pixels per column of the band
+        cum = np.concatenate([[0], np.cumsum(band)])  # W + 1 prefix sums along the columns
+        table[i] = table[i - 1] + cum[cols_at]
+    return table
+
+
 def fit_fixed_box(dataset: Any, grid: int = 16) -> tuple[tuple[float, float, float, float], float]:
     """The single box (on a ``grid`` lattice of normalised coordinates) maximising mIoU on ``dataset``.
 
@@ -207,11 +217,9 @@ def fit_fixed_box(dataset: Any, grid: int = 16) -> tuple[tuple[float, float, flo
     for index in range(n):
         mask = target_mask(dataset, index)
         h, w = mask.shape
-        sat = np.zeros((h + 1, w + 1), dtype=np.int64)
-        sat[1:, 1:] = mask.cumsum(0).cumsum(1)
         rows_at = np.rint(lines * h).astype(int)
         cols_at = np.rint(lines * w).astype(int)
-        table = sat[rows_at][:, cols_at]  # (grid+1) x (grid+1) counts of the top-left rectangles
+        table = _corner_counts(mask, rows_at, cols_at)  # (grid+1) x (grid+1) counts of top-left rectangles
         # inter[py, px] = T[y1, x1] - T[y0, x1] - T[y1, x0] + T[y0, x0] over every pair of lines.
         inter = (table[hi][:, hi] - table[lo][:, hi] - table[hi][:, lo] + table[lo][:, lo]).astype(float)
         box_area = np.outer(rows_at[hi] - rows_at[lo], cols_at[hi] - cols_at[lo]).astype(float)

@@ -39,6 +39,8 @@ CHROMIUM_ARGS = [
 ]
 #: ``--max-pixels`` of the served app: the 800 x 800 sample passes, the 1200 x 1000 image does not.
 MAX_PIXELS = 1_000_000
+#: ``--max-upload-mb`` of the served app (the sample is 0.2 MB).
+MAX_UPLOAD_MB = 1
 STARTUP_TIMEOUT_S = 90.0
 UI_TIMEOUT_MS = 45_000
 
@@ -98,21 +100,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     root = tmp_path_factory.mktemp("web-demo")
     checkpoint = root / "ckpt"
     RSRefSeg.from_preset("tiny").save_pretrained(checkpoint)
-    big = root / "too_big.png"  # 1200 x 1000 = 1.2 MP > MAX_PIXELS
-    noise = np.random.default_rng(0).integers(0, 256, size=(1000, 1200, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(big)
+    big = root / "too_big.png"  # 1200 x 1000 = 1.2 MP > MAX_PIXELS, a small file
+    ramp = np.broadcast_to(np.arange(1200, dtype=np.uint16)[None, :, None] // 5, (1000, 1200, 3))
+    Image.fromarray(ramp.astype(np.uint8)).save(big)
+    heavy = root / "too_heavy.png"  # 700 x 700 noise: about 1.4 MB > MAX_UPLOAD_MB
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(700, 700, 3), dtype=np.uint8)).save(heavy)
 
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = root / "server.log"
     command = [sys.executable, "-m", "rsrefseg", "serve", "--checkpoint", str(checkpoint),
-               "--host", "127.0.0.1", "--port", str(port), "--max-pixels", str(MAX_PIXELS), "--device", "cpu"]
+               "--host", "127.0.0.1", "--port", str(port), "--max-pixels", str(MAX_PIXELS),
+               "--max-upload-mb", str(MAX_UPLOAD_MB), "--device", "cpu"]
     with log.open("wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_ready(url, proc, log)
-        yield {"url": url, "image": image, "big": big, "log": log}
+        yield {"url": url, "image": image, "big": big, "heavy": heavy, "log": log}
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -173,19 +178,21 @@ def test_segment_in_browser(page: Any, server: dict[str, Any], artifacts: Path) 
     overlays = page.locator("#rsrefseg-overlays img")
     overlays.first.wait_for()
     page.wait_for_function("document.querySelectorAll('#rsrefseg-overlays img').length >= 2")
-    page.locator("#rsrefseg-downloads").get_by_text("dior_00001_masks.zip").wait_for()
+    zip_link = page.locator('#rsrefseg-downloads a[download="dior_00001_masks.zip"]')
+    zip_link.wait_for()
     page.locator("#rsrefseg-summary").get_by_text("800 x 800 px").wait_for()
     assert "the ship in the harbour" in page.locator("#rsrefseg-overlays").inner_text()
     assert page.locator("#rsrefseg-heatmaps img").count() >= 1
-    downloads_text = page.locator("#rsrefseg-downloads").inner_text()
-    assert "01_the-ship-in-the-harbour.mask.png" in downloads_text
+    downloads = page.locator("#rsrefseg-downloads a[download]")
+    names = [downloads.nth(i).get_attribute("download") for i in range(downloads.count())]
+    assert "01_the-ship-in-the-harbour.mask.png" in names, names
 
     shot = artifacts / "web_demo.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"\nscreenshot: {shot}")
 
     with page.expect_download() as info:
-        page.locator("#rsrefseg-downloads").get_by_text("dior_00001_masks.zip").click()
+        zip_link.click()
     zip_path = artifacts / "web_demo_masks.zip"
     info.value.save_as(str(zip_path))
     with zipfile.ZipFile(zip_path) as archive:
@@ -198,17 +205,26 @@ def test_segment_in_browser(page: Any, server: dict[str, Any], artifacts: Path) 
 def test_too_large_image_shows_clear_message(page: Any, server: dict[str, Any], artifacts: Path) -> None:
     """An image above ``--max-pixels`` is refused with one line naming the file and the limit."""
     _upload(page, server["big"])
-    message = page.get_by_text(re.compile(r"too_big\.png: image is 1200 x 1000 .*above the limit"))
-    message.first.wait_for()
-    text = message.first.inner_text()
-    assert "1.0 MP" in text and "\n" not in text.strip()
+    toast = page.locator('[data-testid="toast-text"]')
+    toast.first.wait_for()
+    text = toast.first.inner_text().strip()
+    assert re.fullmatch(r"too_big\.png: image is 1200 x 1000 = 1\.2 MP, above the limit of 1 MP \(1000000 pixels\)", text), text
+    page.wait_for_timeout(600)  # let the toast finish fading in
     shot = artifacts / "web_demo_limit.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"\nscreenshot: {shot}")
-    # Running anyway gives the same message, not a crash.
+    # Running anyway gives the same one-line message, and no result.
     page.locator("#rsrefseg-expressions textarea").fill("the ship")
     page.locator("#rsrefseg-run").click()
-    page.wait_for_function(
-        "document.querySelectorAll('.toast-body, [data-testid=\"toast-body\"]').length >= 2"
-        " || document.body.innerText.split('above the limit').length > 2",
-    )
+    page.wait_for_function("document.querySelectorAll('[data-testid=\"toast-text\"]').length >= 2")
+    assert toast.nth(1).inner_text().strip() == text
+    assert page.locator("#rsrefseg-overlays img").count() == 0
+
+
+def test_too_heavy_file_is_refused_before_upload(page: Any, server: dict[str, Any]) -> None:
+    """A file above ``--max-upload-mb`` is refused in the browser, naming the file and the limit."""
+    _upload(page, server["heavy"])
+    toast = page.locator('[data-testid="toast-text"]')
+    toast.first.wait_for()
+    text = toast.first.inner_text().strip()
+    assert "too_heavy.png" in text and "1.0 Mb" in text and "\n" not in text, text

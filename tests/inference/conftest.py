@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,12 @@ def write_test_geotiff(
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
     return path
+
+
+@pytest.fixture()
+def make_geotiff() -> Callable[..., Path]:
+    """:func:`write_test_geotiff` as a fixture (test modules cannot import this conftest)."""
+    return write_test_geotiff
 
 
 @pytest.fixture()

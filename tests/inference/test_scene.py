@@ -126,7 +126,7 @@ def test_constant_logits_in_memory_scene(predictor, monkeypatch, mode):
 def test_single_tile_scene_equals_untiled_prediction(predictor, monkeypatch):
     rgb = np.random.default_rng(3).integers(0, 256, size=(150, 220, 3), dtype=np.uint8)
     predictor.set_image(rgb)
-    untiled = predictor.predict(["a road", "the roof"])
+    untiled = predictor.predict(["a road", "the roof"], batch_size=1)
     text_calls = [0]
     original = predictor.model.encode_text
 
@@ -144,11 +144,12 @@ def test_single_tile_scene_equals_untiled_prediction(predictor, monkeypatch):
 
 
 def test_tiles_take_the_maximum_of_overlapping_windows(predictor):
-    rgb = np.random.default_rng(5).integers(0, 256, size=(200, 300, 3), dtype=np.uint8)
+    rgb = np.random.default_rng(5).integers(0, 256, size=(160, 250, 3), dtype=np.uint8)
     result = predictor.predict_scene(rgb, ["buildings"], tile=160, overlap=40)
     logits = result.predictions[0].logits
-    boxes = tile_grid(200, 300, 160, 40)
-    expected = np.full((200, 300), -np.inf, dtype=np.float32)
+    boxes = tile_grid(160, 250, 160, 40)
+    assert len(boxes) == 2 and boxes[0].x1 > boxes[1].x0  # two overlapping windows
+    expected = np.full((160, 250), -np.inf, dtype=np.float32)
     for box in boxes:  # each window on its own, max-merged by hand
         predictor.set_image(rgb[box.slices])
         tile_logits = predictor.predict(["buildings"])[0].logits

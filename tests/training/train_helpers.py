@@ -103,7 +103,25 @@ def rsrefseg_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "rsrefseg", *args]
 
 
-def accelerate_cmd(n: int, *args: str) -> list[str]:
-    """``accelerate launch --cpu --num_processes n ARGS`` with this interpreter's accelerate."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(n),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+def free_port() -> int:
+    """A TCP port that is free right now (rendezvous of the launched processes)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def accelerate_cmd(n: int, *args: str) -> tuple[list[str], dict[str, str]]:
+    """``(command, env)`` launching ``n`` CPU processes with ``accelerate launch``.
+
+    ``accelerate launch --cpu --num_processes N`` starts ONE process unless an MPI hostfile is given
+    (accelerate 1.x uses its simple launcher for --cpu); ``--multi_gpu`` with ``ACCELERATE_USE_CPU=1``
+    starts N processes through torchrun that join a gloo (MULTI_CPU) group.
+    """
+    env = cli_env()
+    env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), *args]
+    return cmd, env

@@ -6,9 +6,15 @@ work with one ``error:`` line and exit status 2. A failing image (corrupt file, 
 count) is reported, listed under ``failures`` in ``summary.json`` and does not stop the others:
 the exit status is 1 when some images failed, 2 when all of them did, 0 otherwise.
 
-Under ``accelerate launch`` (``WORLD_SIZE > 1``) rank ``r`` of ``world`` processes takes inputs
+Under a multi-process launch (``WORLD_SIZE > 1``) rank ``r`` of ``world`` processes takes inputs
 ``r::world``, writes its own outputs and a ``summary.rank<r>.json``; after a barrier the main process
-merges them into ``summary.json`` (and removes the per-rank files).
+merges them into ``summary.json`` (and removes the per-rank files). Launch it with::
+
+    accelerate launch --num_processes 4 -m rsrefseg predict ...            # GPUs (one per process)
+    accelerate launch --multi_gpu --num_processes 2 -m rsrefseg predict ... # CPU-only machine: gloo
+    torchrun --nproc_per_node 2 $(which rsrefseg) predict ...               # the same without accelerate
+
+(``accelerate launch --cpu`` starts a single process unless MPI is configured, so it does not shard.)
 """
 
 from __future__ import annotations
@@ -105,12 +111,18 @@ def expand_inputs(items: list[str]) -> list[Path]:
 
 
 def _dist_state() -> Any:
-    """accelerate's ``PartialState`` under a multi-process launch, else None."""
+    """accelerate's ``PartialState`` under a multi-process launch (``WORLD_SIZE > 1``), else None.
+
+    Without CUDA (or with ``ACCELERATE_USE_CPU``) the processes talk over gloo on the CPU.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=use_cpu or not torch.cuda.is_available())
+    return state if state.num_processes > 1 else None
 
 
 def _progress(iterable: Any, quiet: bool, **kwargs: Any) -> Any:
@@ -287,7 +299,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--simplify", type=float, default=0.0, metavar="T",
                    help="polygon simplification tolerance in pixels (default 0: exact pixel edges)")
     p.add_argument("--min-area", type=float, default=0.0, metavar="A", help="drop polygons smaller than A pixels")
-    p.add_argument("--threshold", type=float, default=0.0, help="mask logit threshold (0 = probability 0.5)")
+    p.add_argument("--threshold", type=float, default=0.0, help="mask logit threshold (0 = probability 0.5; write negative values as --threshold=-1)")
     p.add_argument("--batch-size", type=int, default=16, help="expressions decoded together")
     p.add_argument("--device", help="torch device (default: the accelerate device, else CUDA if available)")
     p.add_argument("--overlay-max-side", type=int, default=2048, metavar="PX",

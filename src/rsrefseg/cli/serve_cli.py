@@ -77,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
             share=False,
             inbrowser=False,
             ssr_mode=False,
-            # Gradio's own cap, a backstop above ours so that our clearer message is the one shown.
-            max_file_size=f"{math.ceil(args.max_upload_mb * 2 + 1)}mb",
+            # Gradio's own cap (checked in the browser before uploading: "File(s) exceed the maximum
+            # allowed size of 50.0 Mb: "name.tif""); the app checks it again for API clients.
+            max_file_size=math.floor(args.max_upload_mb * 2**20),
         )
     except OSError as exc:
         raise ConfigError(f"cannot serve on {args.host}:{args.port} ({' '.join(str(exc).split())})") from None
@@ -95,7 +96,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
     p.add_argument("--max-upload-mb", type=_positive(float), default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
-                   help=f"largest accepted upload in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
+                   help=f"largest accepted upload in MB of 2**20 bytes (default {DEFAULT_MAX_UPLOAD_MB:g})")
     p.add_argument("--max-pixels", type=_parse_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="largest accepted image, as a pixel count N or HxW (default 4096x4096)")
     p.add_argument("--concurrency", type=_positive(int), default=1,

@@ -241,7 +241,8 @@ class Predictor:
             :class:`BatchLogits` with ``t x H x W`` logits at the original resolution, on the CPU.
         """
         features, meta = self.features, self._meta
-        assert meta is not None
+        if meta is None:  # pragma: no cover - set together with the features
+            raise RuntimeError("no image set; call set_image() first")
         start = 0
         for text in text_batches:
             t = int(text.tokens.shape[0])
@@ -319,9 +320,12 @@ class Predictor:
             predicted_iou=predicted_iou,
         )
 
-    def predict_scene(self, image: ImageInput, expressions: Sequence[str], **kwargs: Any) -> Any:
-        """Tiled prediction of a large scene; see :func:`rsrefseg.inference.scene.predict_scene`."""
+    def predict_scene(
+        self, image: ImageInput, expressions: Sequence[str], bands: tuple[int, ...] | None = None, **kwargs: Any
+    ) -> Any:
+        """Tiled prediction of a large scene (a file is read window by window); keyword arguments
+        go to :func:`rsrefseg.inference.scene.predict_scene`, which returns a ``ScenePrediction``."""
         from rsrefseg.inference.scene import open_scene, predict_scene
 
-        with open_scene(image, bands=kwargs.pop("bands", None)) as source:
+        with open_scene(image, bands=bands) as source:
             return predict_scene(self, source, expressions, **kwargs)

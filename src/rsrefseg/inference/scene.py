@@ -276,6 +276,7 @@ class ScenePrediction:
     overlap: int
 
 
+@torch.inference_mode()
 def predict_scene(
     predictor: Predictor,
     source: SceneSource,

@@ -55,6 +55,25 @@ class TrainingOOMError(RSRefSegError):
     """A batch did not fit in memory; the message says what to lower."""
 
 
+class LossModule(torch.nn.Module):
+    """The model plus its loss, returning a plain scalar tensor.
+
+    This is what ``accelerator.prepare`` wraps (DDP/FSDP/DeepSpeed): distributed wrappers look for
+    tensors in the forward output to find unused parameters and cannot see inside
+    ``RSRefSegOutput``; the loss is computed inside the wrapped forward instead.
+    """
+
+    def __init__(self, model: torch.nn.Module, bce_weight: float, dice_weight: float) -> None:
+        super().__init__()
+        self.model, self.bce_weight, self.dice_weight = model, bce_weight, dice_weight
+
+    def forward(self, pixel_values: torch.Tensor, texts: list[str], target: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x S x S`` images in [0, 255], ``B`` expressions, ``B x 1 x S x S`` labels -> loss."""
+        out = self.model(pixel_values, texts)
+        loss, _ = segmentation_loss(out.mask_logits, target, self.bce_weight, self.dice_weight)
+        return loss
+
+
 @dataclass
 class TrainResult:
     """What :func:`train` did."""
@@ -137,20 +156,20 @@ def train(
                               sam=config.model.sam, random_init=config.model.random_init, **config.model.overrides)
     model.train()
     set_seed(config.seed + accelerator.process_index)  # distinct dropout per process
-    optimizer = build_optimizer(model, config)
+    net = model  # the RSRefSeg itself: saved, validated and reported
+    optimizer = build_optimizer(net, config)
     sampler = EpochBatchSampler(len(train_ds), config.batch_size, config.seed, True,
                                 accelerator.process_index, accelerator.num_processes)
     steps_epoch = steps_per_epoch(len(sampler), config.grad_accum)
     s = config.schedule
     schedule = make_schedule(s.epochs, steps_epoch, s.warmup_epochs, s.warmup_steps, s.start_factor, s.min_factor)
     scheduler = make_scheduler(optimizer, schedule)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    net = accelerator.unwrap_model(model)
+    model, optimizer = accelerator.prepare(LossModule(net, config.loss.bce_weight, config.loss.dice_weight), optimizer)
     view = AugmentedView(train_ds, config.data.flip_h, config.data.flip_v)
 
     state = TrainerState()
     if resume_dir is not None:
-        state = load_resumable(resume_dir, accelerator, model, optimizer, scheduler)  # restores RNG last
+        state = load_resumable(resume_dir, accelerator, net, optimizer, scheduler)  # restores RNG last
         if main:
             print(f"resumed from {resume_dir} (epoch {state.epoch + 1}, batch {state.batch_in_epoch}, "
                   f"step {state.global_step})")
@@ -167,7 +186,7 @@ def train(
         bar = tqdm(total=schedule.total_steps, initial=state.global_step, desc="train", unit="step",
                    dynamic_ncols=True)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in net.parameters() if p.requires_grad]
     budget = config.max_minutes * 60.0 if config.max_minutes else None
     session_start = time.monotonic()
     elapsed_before = state.elapsed_s
@@ -177,7 +196,7 @@ def train(
 
     def validate() -> dict[str, Any]:
         nonlocal last_metrics
-        result = evaluate(model, val_ds, config.val_batch_size, accelerator, config.num_workers,
+        result = evaluate(net, val_ds, config.val_batch_size, accelerator, config.num_workers,
                           progress=config.progress, desc="val")
         summary = {k: result.metrics[k] for k in SUMMARY_KEYS if k in result.metrics}
         done = state.epoch + state.batch_in_epoch / len(sampler)  # epochs completed (fractional if mid-epoch)
@@ -201,7 +220,7 @@ def train(
 
     def checkpoint() -> Path:
         state.elapsed_s = elapsed_before + time.monotonic() - session_start
-        path = save_resumable(ckpt_root, accelerator, model, optimizer, scheduler, state,
+        path = save_resumable(ckpt_root, accelerator, net, optimizer, scheduler, state,
                               extra={"epoch": state.epoch, "step": state.global_step})
         if main:
             prune_checkpoints(ckpt_root, config.keep_last)
@@ -225,9 +244,8 @@ def train(
                         sync = contextlib.nullcontext() if k == group - 1 else accelerator.no_sync(model)
                         with sync:
                             with accelerator.autocast():
-                                out = model(batch["pixel_values"].to(accelerator.device).float(), batch["text"])
-                                loss, _ = segmentation_loss(out.mask_logits, batch["mask"].to(accelerator.device),
-                                                            config.loss.bce_weight, config.loss.dice_weight)
+                                loss = model(batch["pixel_values"].to(accelerator.device).float(), batch["text"],
+                                             batch["mask"].to(accelerator.device))
                             accelerator.backward(loss / group)
                         total += loss.detach() / group
                     if config.grad_clip:

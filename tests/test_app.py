@@ -1,0 +1,254 @@
+"""Unit tests of the web demo (rsrefseg.app) and ``rsrefseg serve`` argument handling, without a browser."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from rsrefseg.app import DemoService, Limits, check_upload, heatmap_image, parse_expressions
+from rsrefseg.errors import ConfigError, DataError
+
+
+def _png(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rgb = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def _geotiff(path: Path, height: int = 48, width: int = 64) -> Path:
+    """A 3-band uint16 GeoTIFF in UTM 31N with a nodata value."""
+    import rasterio
+    from affine import Affine
+
+    data = np.random.default_rng(1).integers(100, 4000, size=(3, height, width), dtype=np.uint16)
+    data[:, :4, :4] = 0
+    profile = {"driver": "GTiff", "height": height, "width": width, "count": 3, "dtype": "uint16",
+               "crs": "EPSG:32631", "transform": Affine(10.0, 0, 500000.0, 0, -10.0, 4500000.0), "nodata": 0}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Any:
+    from rsrefseg import RSRefSeg
+    from rsrefseg.inference.predictor import Predictor
+
+    return Predictor(RSRefSeg.from_preset("tiny"))
+
+
+@pytest.fixture()
+def service(predictor: Any, tmp_path: Path) -> DemoService:
+    return DemoService(predictor, Limits(max_upload_mb=5, max_pixels=200 * 200, max_expressions=4),
+                       workdir=tmp_path / "work", keep_runs=2)
+
+
+# ---------------------------------------------------------------- pure helpers
+def test_parse_expressions_one_per_line() -> None:
+    assert parse_expressions("  the  ship \n\n\tthe road on the left\n") == ["the ship", "the road on the left"]
+    with pytest.raises(ConfigError, match="at least one"):
+        parse_expressions(" \n \n")
+    with pytest.raises(ConfigError, match="at least one"):
+        parse_expressions(None)
+    with pytest.raises(ConfigError, match="3 expressions given; at most 2"):
+        parse_expressions("a\nb\nc", max_expressions=2)
+
+
+def test_check_upload_limits_name_the_file_and_the_limit(tmp_path: Path) -> None:
+    image = _png(tmp_path / "scene.png", 120, 100)
+    assert check_upload(image, Limits(max_upload_mb=1, max_pixels=120 * 100)) == (120, 100)
+    with pytest.raises(DataError) as info:
+        check_upload(image, Limits(max_upload_mb=0.001))
+    message = str(info.value)
+    assert message.startswith("scene.png: file is 0.0") and "above the upload limit of 0.001 MB" in message
+    assert "\n" not in message
+    with pytest.raises(DataError, match=r"scene\.png: image is 100 x 120 = 0\.012 MP, above the limit of 0\.012 MP \(11999 pixels\)"):
+        check_upload(image, Limits(max_pixels=11_999))
+    with pytest.raises(DataError, match=r"missing\.png: uploaded file not found"):
+        check_upload(tmp_path / "missing.png", Limits())
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"junk\.png"):
+        check_upload(tmp_path / "junk.png", Limits())
+
+
+def test_heatmap_image_shape_and_range() -> None:
+    preview = np.zeros((30, 40, 3), dtype=np.uint8)
+    heat = np.linspace(0, 1, 60 * 80, dtype=np.float32).reshape(60, 80)
+    out = heatmap_image(preview, heat)
+    assert out.shape == (30, 40, 3) and out.dtype == np.uint8
+    assert out[-1, -1].sum() > out[0, 0].sum()  # bright where the activation is high
+
+
+# ---------------------------------------------------------------- the service
+def test_run_writes_overlays_heatmaps_and_downloads(service: DemoService, tmp_path: Path) -> None:
+    image = _png(tmp_path / "my scene.png", 90, 120)
+    result = service.run(image, "the ship\nthe white building\n")
+    scores = [r["score"] for r in result.records]
+    assert [caption for _, caption in result.overlays] == [f"the ship (score {scores[0]:.2f})",
+                                                           f"the white building (score {scores[1]:.2f})"]
+    assert [caption for _, caption in result.heatmaps] == ["the ship", "the white building"]
+    for path, _ in result.overlays + result.heatmaps:
+        assert Path(path).is_file() and Path(path).is_relative_to(service.workdir)
+    zip_path, *files = result.downloads
+    assert Path(zip_path).name == "my_scene_masks.zip"
+    assert [Path(f).name for f in files] == ["01_the-ship.mask.png", "02_the-white-building.mask.png"]
+    with zipfile.ZipFile(zip_path) as archive:
+        names = sorted(archive.namelist())
+    assert names == ["my_scene/01_the-ship.mask.png", "my_scene/01_the-ship.overlay.png",
+                     "my_scene/02_the-white-building.mask.png", "my_scene/02_the-white-building.overlay.png"]
+    from PIL import Image
+
+    with Image.open(files[0]) as mask:
+        assert mask.size == (120, 90) and mask.mode == "L"
+    assert "120 x 90 px, not georeferenced" in result.summary and "| 2 | the white building |" in result.summary
+
+
+def test_features_are_cached_per_upload(service: DemoService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = _png(tmp_path / "a.png", 64, 64, seed=1), _png(tmp_path / "b.png", 64, 80, seed=2)
+    calls: list[Any] = []
+    original = service.predictor.set_image
+    monkeypatch.setattr(service.predictor, "set_image", lambda image, **kw: (calls.append(image), original(image, **kw)))
+    preview = service.load(a)  # on upload
+    assert preview.shape == (64, 64, 3)
+    service.run(a, "the ship")
+    service.run(a, "the road\nthe field")  # new expressions, same image: no re-encoding
+    assert len(calls) == 1
+    service.run(b, "the ship")
+    service.run(a, "the ship")  # another user's image came in between: encode again
+    assert len(calls) == 3 and service.encodes == 3
+    assert len(list(service.workdir.glob("run-*"))) == 2  # keep_runs=2: older outputs removed
+
+
+def test_geotiff_upload_offers_geojson_and_geotiff(service: DemoService, tmp_path: Path) -> None:
+    result = service.run(_geotiff(tmp_path / "utm.tif"), "the building")
+    names = [Path(f).name for f in result.downloads]
+    assert names == ["utm_masks.zip", "01_the-building.mask.png", "01_the-building.geojson", "01_the-building.mask.tif"]
+    collection = json.loads(Path(result.downloads[2]).read_text())
+    assert collection["type"] == "FeatureCollection" and "32631" in json.dumps(collection["crs"])
+    assert "georeferenced;" in result.summary
+    from PIL import Image
+
+    with Image.open(result.downloads[1]) as png:
+        mask = np.asarray(png) > 0
+    assert not mask[:4, :4].any()  # nodata is never in the mask
+
+
+def test_limits_are_enforced_before_reading(service: DemoService, tmp_path: Path) -> None:
+    big = _png(tmp_path / "big.png", 250, 200)
+    with pytest.raises(DataError, match=r"big\.png: image is 200 x 250 = 0\.05 MP, above the limit of 0\.04 MP \(40000 pixels\)"):
+        service.run(big, "the ship")
+    with pytest.raises(DataError, match=r"big\.png"):
+        service.load(big)
+    assert service.encodes == 0
+    with pytest.raises(ConfigError, match="5 expressions given; at most 4"):
+        service.run(_png(tmp_path / "ok.png", 32, 32), "a\nb\nc\nd\ne")
+    with pytest.raises(ConfigError, match="threshold"):
+        service.run(tmp_path / "ok.png", "a", threshold=1.0)
+
+
+def test_concurrent_runs_do_not_mix_images(service: DemoService, tmp_path: Path) -> None:
+    paths = [_png(tmp_path / f"img{i}.png", 40 + 10 * i, 50, seed=i) for i in range(3)]
+    shapes: dict[int, tuple[int, int]] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            result = service.run(paths[i], "the ship")
+            from PIL import Image
+
+            with Image.open(result.downloads[1]) as mask:
+                shapes[i] = (mask.height, mask.width)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and shapes == {i: (40 + 10 * i, 50) for i in range(3)}
+
+
+# ---------------------------------------------------------------- Gradio glue
+def test_handlers_turn_failures_into_one_line_gradio_errors(service: DemoService, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    gr = pytest.importorskip("gradio")
+    from rsrefseg.app import make_handlers
+
+    on_upload, on_run = make_handlers(service)
+    ok = _png(tmp_path / "ok.png", 32, 48)
+    assert on_upload(None) is None
+    assert on_upload(str(ok)).shape == (32, 48, 3)
+    overlays, heatmaps, downloads, summary = on_run(str(ok), "the ship", 0.5)
+    assert len(overlays) == len(heatmaps) == 1 and downloads[0].endswith("ok_masks.zip") and "ok.png" in summary
+
+    with pytest.raises(gr.Error) as info:
+        on_run(None, "the ship", 0.5)
+    assert info.value.message == "upload an image first"
+    big = _png(tmp_path / "huge.png", 300, 300)
+    for call in (lambda: on_upload(str(big)), lambda: on_run(str(big), "the ship", 0.5)):
+        with pytest.raises(gr.Error) as info:
+            call()
+        assert info.value.message == "huge.png: image is 300 x 300 = 0.09 MP, above the limit of 0.04 MP (40000 pixels)"
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of\nmemory")
+
+    monkeypatch.setattr(service.predictor, "predict", boom)
+    with pytest.raises(gr.Error, match="internal error: RuntimeError: out of memory"):
+        on_run(str(ok), "the ship", 0.5)
+
+
+def test_build_app_with_a_predictor(predictor: Any) -> None:
+    gr = pytest.importorskip("gradio")
+    from rsrefseg.app import build_app
+
+    demo = build_app(predictor, max_upload_mb=1, max_pixels=1000, concurrency=2, max_queue=3)
+    assert isinstance(demo, gr.Blocks)
+    queue = getattr(demo, "_queue", None)
+    if queue is not None:  # Gradio internals: checked when present
+        assert queue.max_size == 3 and queue.default_concurrency_limit == 2
+    with pytest.raises(ConfigError):
+        build_app(predictor, concurrency=0)
+
+
+def test_import_has_no_side_effects() -> None:
+    code = ("import sys, rsrefseg.app, rsrefseg.cli.serve_cli; "
+            "print(sorted(m for m in ('gradio', 'torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------- rsrefseg serve
+def test_serve_arguments() -> None:
+    from rsrefseg.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--checkpoint", "ckpt", "--max-pixels", "100x200", "--port", "8000",
+                              "--max-upload-mb", "2.5", "--concurrency", "3"])
+    assert (args.checkpoint, args.host, args.port, args.max_pixels, args.max_upload_mb, args.concurrency) == (
+        "ckpt", "127.0.0.1", 8000, 20_000, 2.5, 3)
+    defaults = parser.parse_args(["serve", "--checkpoint", "ckpt"])
+    assert (defaults.port, defaults.max_upload_mb, defaults.max_pixels, defaults.concurrency) == (7860, 50.0, 4096**2, 1)
+    for bad in (["--port", "0"], ["--max-pixels", "0"], ["--max-upload-mb", "-1"], ["--concurrency", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--checkpoint", "ckpt", *bad])
+
+
+def test_serve_bad_checkpoint_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gradio")
+    from rsrefseg.cli.main import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nope" in err and "\n" not in err
