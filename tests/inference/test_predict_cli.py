@@ -16,7 +16,7 @@ from PIL import Image
 
 from rsrefseg.cli.main import main
 from rsrefseg.cli.predict_cli import DEFAULT_TILE_THRESHOLD, collect_expressions, expand_inputs
-from rsrefseg.inference.outputs import expression_names, image_dir_names, slugify
+from rsrefseg.inference.outputs import expression_names, image_dir_names, merge_summaries, slugify
 
 TEXTS = ["the large building", "Road on the LEFT!"]
 NAMES = ["01_the-large-building", "02_road-on-the-left"]
@@ -185,6 +185,16 @@ def test_names_inputs_and_options(tmp_path):
     found = expand_inputs([str(tmp_path / "d"), str(tmp_path / "d" / "*.tif")])
     assert [p.name for p in found] == ["a.jpg", "b.tif"]
     assert collect_expressions(["  two   spaces "], None) == ["two spaces"]
+    parts = [
+        {"rank": 1, "world_size": 2, "peak_rss_mb": 9.0, "failures": [{"input_index": 1}],
+         "images": [{"input_index": 3, "outputs": [{}]}]},
+        {"rank": 0, "world_size": 2, "peak_rss_mb": 7.0, "failures": [],
+         "images": [{"input_index": 0, "outputs": [{}, {}]}, {"input_index": 2, "outputs": []}]},
+    ]
+    merged = merge_summaries(parts)
+    assert [i["input_index"] for i in merged["images"]] == [0, 2, 3] and merged["outputs"] == 3
+    assert merged["peak_rss_mb"] == 9.0 and [r["rank"] for r in merged["ranks"]] == [0, 1]
+    assert "rank" not in merged and merged["world_size"] == 2
     from rsrefseg.inference.scene import DEFAULT_TILE_THRESHOLD as SCENE_DEFAULT
 
     assert DEFAULT_TILE_THRESHOLD == SCENE_DEFAULT

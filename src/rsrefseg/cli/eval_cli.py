@@ -47,6 +47,11 @@ def _eval(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, clip=args.clip, sam=args.sam).to(accelerator.device)
     mode = args.resize_mode or model.config.resize_mode
     dataset = _dataset(args.data, args.images, args.split, model.config.sam_image_size, mode, args.skip_bad)
+    if args.cache_dir:
+        from rsrefseg.training.data import CachedDataset
+
+        with accelerator.main_process_first():
+            dataset = CachedDataset.build(dataset, args.cache_dir, with_target=True)
     n_overlays = min(args.overlays, len(dataset))
     keep = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, num=n_overlays)}) if n_overlays else []
     result = evaluate(model, dataset, args.batch_size, accelerator, args.num_workers, strict=args.strict_pr,
@@ -100,6 +105,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--baselines", action="store_true", help="also score the empty-mask and full-image baselines")
     p.add_argument("--train-data", default=None, help="training JSONL: fit the best fixed box baseline on it")
     p.add_argument("--train-images", default=None, help="image folder of --train-data (default: --images)")
+    p.add_argument("--cache-dir", default=None,
+                   help="pre-resized image cache (e.g. <work_dir>/cache of the training run): same numbers, faster")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable records instead of failing")
     p.add_argument("--clip", default=None, help="replace the checkpoint's CLIP/SigLIP base id (local copy)")
     p.add_argument("--sam", default=None, help="replace the checkpoint's SAM base id (local copy)")

@@ -137,6 +137,7 @@ def train(
 
     from rsrefseg.build import build_from_preset
 
+    session_start = time.monotonic()  # max_minutes counts from here (data caching included)
     accelerator = accelerator or make_accelerator(config)
     main = accelerator.is_main_process
     work_dir = Path(config.work_dir)
@@ -188,7 +189,6 @@ def train(
 
     trainable = [p for p in net.parameters() if p.requires_grad]
     budget = config.max_minutes * 60.0 if config.max_minutes else None
-    session_start = time.monotonic()
     elapsed_before = state.elapsed_s
     stopped_by = "done"
     last_metrics: dict[str, Any] = {}
