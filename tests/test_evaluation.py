@@ -14,11 +14,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).with_name("training")))  # shared helpers of the training tests
-from train_helpers import MICRO_OVERRIDES, accelerate_cmd, cli_env, make_synthetic, rsrefseg_cmd  # noqa: E402
+from train_helpers import MICRO_OVERRIDES, accelerate_cmd, cli_env, make_synthetic, rsrefseg_cmd
 
-from rsrefseg.data.datasets import ReferringDataset, load_split  # noqa: E402
-from rsrefseg.data.transforms import logits_to_original  # noqa: E402
-from rsrefseg.evaluation import (  # noqa: E402
+from rsrefseg.data.datasets import ReferringDataset, load_split
+from rsrefseg.data.transforms import logits_to_original
+from rsrefseg.evaluation import (
     EvalRow,
     box_mask,
     evaluate,
@@ -28,7 +28,7 @@ from rsrefseg.evaluation import (  # noqa: E402
     summarize_rows,
     target_mask,
 )
-from rsrefseg.metrics import iou  # noqa: E402
+from rsrefseg.metrics import iou
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,7 @@ def test_baselines_and_fixed_box(data: dict[str, Path]) -> None:
     # The lattice search is exact: it matches brute force over the same lattice on a small set.
     small = ReferringDataset(train.records[:6], data["images"], 64)
     box, score = fit_fixed_box(small, grid=4)
+    assert all(0.0 <= v <= 1.0 for v in box) and box[0] < box[2] and box[1] < box[3]
     best = 0.0
     lattice = [k / 4 for k in range(5)]
     for x0 in lattice:

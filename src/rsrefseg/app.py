@@ -237,6 +237,7 @@ class DemoService:
             return self._load(Path(path)).preview
 
     def _new_run_dir(self) -> Path:
+        """A fresh output folder; the oldest beyond ``keep_runs`` is deleted (call with the lock held)."""
         run = Path(tempfile.mkdtemp(prefix="run-", dir=self.workdir))
         self._runs.append(run)
         while len(self._runs) > self._keep_runs:
@@ -264,7 +265,7 @@ class DemoService:
         with self._lock:
             loaded = self._load(source)
             predictions = self.predictor.predict(expressions, threshold=math.log(threshold / (1 - threshold)))
-        run_dir = self._new_run_dir()
+            run_dir = self._new_run_dir()
         folder = run_dir / _safe_stem(source)
         names = expression_names(expressions)
         records = [

@@ -73,6 +73,7 @@ def micro_config(data: dict[str, Path], work_dir: Path, **top: Any) -> dict[str,
         "tensorboard": False,
         "progress": False,
         "report_overlays": 1,
+        "num_threads": 1,
     }
     for key, value in top.items():
         section, _, name = key.partition("__")

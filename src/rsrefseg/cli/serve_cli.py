@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
+import threading
 from typing import Any
 
 from rsrefseg.app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB
@@ -52,6 +54,11 @@ def _port(text: str) -> int:
     return port
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM handler: stop like Ctrl+C, so the server closes and temporary outputs are removed."""
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint, build the page and serve it until interrupted."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -69,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         device=args.device,
     )
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     print(f"rsrefseg serve: http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
     try:
         demo.launch(

@@ -47,7 +47,8 @@ def save_overlay(
     panels = [("image", rgb), ("prediction", blend(rgb, pred, PRED_COLOR))]
     if target is not None:
         panels.append(("ground truth", blend(rgb, target, TARGET_COLOR)))
-    fig = _figure(3.6 * len(panels), 4.2)
+    aspect = rgb.shape[0] / max(1, rgb.shape[1])
+    fig = _figure(3.6 * len(panels), 3.6 * aspect + 0.9)
     for k, (name, image) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         ax.imshow(image)
@@ -63,7 +64,8 @@ def save_overlay(
 
 def save_multi_overlay(path: str | Path, rgb: np.ndarray, texts: Sequence[str], preds: Sequence[np.ndarray]) -> Path:
     """One PNG with the image and one prediction panel per expression."""
-    fig = _figure(3.6 * (len(texts) + 1), 4.2)
+    aspect = rgb.shape[0] / max(1, rgb.shape[1])
+    fig = _figure(3.6 * (len(texts) + 1), 3.6 * aspect + 0.8)
     ax = fig.add_subplot(1, len(texts) + 1, 1)
     ax.imshow(rgb)
     ax.set_title("image", fontsize=9)
@@ -151,14 +153,20 @@ def write_report(
     loss_csv: str | Path | None = None,
     history: Sequence[dict[str, Any]] = (),
     baselines: dict[str, Any] | None = None,
+    details: str = "",
 ) -> Path:
-    """Write ``metrics.md``, ``metrics.json``, ``loss.png`` and ``val_miou.png`` into ``report_dir``."""
+    """Write ``metrics.md``, ``metrics.json``, ``loss.png`` and ``val_miou.png`` into ``report_dir``.
+
+    ``details`` (e.g. the per-category/per-rule table) is added to ``metrics.md`` as a text block.
+    """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(report_dir / "metrics.json", {"rows": rows, "info": info, "history": list(history)})
     text = ["# Training report", ""]
     text += [f"- {k}: {v}" for k, v in info.items()]
     text += ["", "Validation metrics (%; per-sample IoU at original resolution):", "", markdown_table(rows), ""]
+    if details:
+        text += ["```", details, "```", ""]
     if loss_csv is not None:
         plot_loss(loss_csv, report_dir / "loss.png")
         text += ["![loss](loss.png)", ""]

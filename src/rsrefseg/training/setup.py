@@ -164,10 +164,11 @@ def write_final_report(config: TrainConfig, net: Any, accelerator: Any, state: A
         "validation set": f"{config.data.val_jsonl} ({len(val_base)} samples)",
         "fixed box fitted on": f"{config.data.train_jsonl} ({len(train_base)} samples)",
     }
+    details = f"last validation, by category and rule:\n{format_table(last_metrics)}" if last_metrics else ""
     write_report(report_dir, rows, info, Path(config.work_dir) / "logs" / "losses.csv", state.history,
-                 {k: v for k, v in baselines.items() if k in ("empty", "full_image", "fixed_box")})
+                 {k: v for k, v in baselines.items() if k in ("empty", "full_image", "fixed_box")}, details)
     print("\n" + markdown_table(rows))
-    if last_metrics:
-        print("\nlast validation, by category and rule:\n" + format_table(last_metrics))
+    if details:
+        print("\n" + details)
     print(f"report written to {report_dir} ({time.monotonic() - started:.1f} s)")
     return {"rows": rows, "baselines": baselines, "dir": str(report_dir)}

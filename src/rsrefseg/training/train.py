@@ -133,11 +133,28 @@ def train(
         step_callback: called on every process after each optimizer step with the trainer state
             and the unwrapped model (monitoring, tests).
     """
+    session_start = time.monotonic()  # max_minutes counts from here (data caching included)
+    threads_before = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _train(config, resume, accelerator, step_callback, session_start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(
+    config: TrainConfig,
+    resume: str | None,
+    accelerator: Any | None,
+    step_callback: Callable[[TrainerState, Any], None] | None,
+    session_start: float,
+) -> TrainResult:
+    """The body of :func:`train` (``num_threads`` already applied)."""
     from accelerate.utils import set_seed
 
     from rsrefseg.build import build_from_preset
 
-    session_start = time.monotonic()  # max_minutes counts from here (data caching included)
     accelerator = accelerator or make_accelerator(config)
     main = accelerator.is_main_process
     work_dir = Path(config.work_dir)

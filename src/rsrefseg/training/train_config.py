@@ -154,6 +154,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     # DataLoader worker processes (0 = load in the main process).
     num_workers: int = 0
+    # Torch intra-op CPU threads per process (None = torch's default). Small models on a shared CPU
+    # often run fastest with 1 (threads of tiny ops spend their time waiting for each other).
+    num_threads: int | None = None
     # Write a CSV/TensorBoard row every N optimizer steps (the CSV of per-step losses gets every step).
     log_every: int = 10
     # Wall-clock budget in minutes: stop cleanly (validate, save) once it is spent. None = no limit.

@@ -1,0 +1,109 @@
+"""The human-readable table of a benchmark report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+STAGES = [
+    ("sam_image_encoder", "SAM image encoder (fast attention)"),
+    ("sam_image_encoder_reference", "SAM image encoder (HF attention)"),
+    ("clip_image_encoder", "CLIP/SigLIP image encoder"),
+    ("text_encoder_per_expression", "text encoder, 1 expression"),
+    ("text_encoder_batch_per_expression", "text encoder, batched, per expr."),
+    ("decode_per_expression", "prompter + decoder, 1 expression"),
+    ("decode_batch_per_expression", "prompter + decoder, batched, per expr."),
+]
+PIPELINE = [
+    ("first_expression", "first expression, new image (end to end)"),
+    ("further_expression_batched_per_expression", "further expression, cached, batched"),
+    ("further_expression_single", "further expression, cached, alone"),
+    ("naive_per_expression", "naive: re-encode image per expression"),
+    ("bf16_first_expression", "bf16 weights: first expression"),
+    ("bf16_further_expression_batched_per_expression", "bf16 weights: further, batched"),
+]
+
+
+def _f(x: Any, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _timing_rows(items: list[tuple[str, str]], data: dict[str, Any], width: int) -> list[str]:
+    rows = []
+    for key, label in items:
+        t = data.get(key)
+        if t is None:
+            continue
+        share = t.get("share_of_roofline_at_min")
+        rows.append(f"  {label:<{width}}{t['gflop']:>9.1f}{t['min_s']:>10.3f}{t['median_s']:>10.3f}"
+                    f"{t['gflops_at_min']:>9.1f}{_f(None if share is None else 100 * share, '.0f'):>7}%")
+    return rows
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Roofline, then per preset: stages, pipelines, ratios, memory; targets; GPU."""
+    meta = report["meta"]
+    lines = [
+        f"RSRefSeg benchmark  {meta['date']}  torch {meta['torch']}  transformers {meta['transformers']}",
+        f"command: {meta['command']}",
+        f"cpu: {meta['cpu']}  cores {meta['cpu_count']}  torch threads {meta['torch_threads']}  "
+        f"avx512_bf16 {meta['avx512_bf16']}  amx_bf16 {meta['amx_bf16']}",
+        f"load average start {meta['load_average_start']} end {meta.get('load_average_end')}  "
+        f"contended: {meta.get('contended')}",
+        "",
+        "matmul roofline (torch.mm, GFLOP/s at min / median)",
+    ]
+    roof = report["roofline"]
+    for dtype, data in roof.items():
+        sizes = "  ".join(f"{n}^2 {t['gflops_at_min']:.0f}/{t['gflops_at_median']:.0f}" for n, t in data["sizes"].items())
+        lines.append(f"  {dtype:<5} best {data['gflops']:>7.1f}   ({sizes})")
+    width = 42
+    head = f"  {'':<{width}}{'GFLOP':>9}{'min s':>10}{'median s':>10}{'GFLOP/s':>9}{'roof':>8}"
+    for name, m in report["models"].items():
+        lines += ["", f"[{name}]  {m['parameters'] / 1e6:.1f} M parameters, image {m['image_size']}, "
+                  f"{m['batch_expressions']} expressions per batch; GFLOP include attention; "
+                  f"reps {report['settings']['reps']} after 1 warm-up", head]
+        lines += _timing_rows(STAGES, m["stages"], width)
+        lines += _timing_rows(PIPELINE, m["pipeline"], width)
+        r = m["pipeline"]["ratios"]
+        lines.append(f"  ratios (min / median): first/further {r['first_over_further_batched_min']:.1f}/"
+                     f"{r['first_over_further_batched_median']:.1f}x, naive/further {r['naive_over_further_batched_min']:.1f}/"
+                     f"{r['naive_over_further_batched_median']:.1f}x, fast SAM {m['fast_sam']['speedup_min']:.2f}/"
+                     f"{m['fast_sam']['speedup_median']:.2f}x (max |diff| {m['fast_sam']['max_abs_diff_vs_hf']:.1e})")
+        if "bf16_speedup_first_min" in r:
+            agree = m["pipeline"]["bf16_agreement"]
+            lines.append(f"  bf16 speed-up first {r['bf16_speedup_first_min']:.2f}/{r['bf16_speedup_first_median']:.2f}x, "
+                         f"further batched {r['bf16_speedup_further_batched_min']:.2f}x; mask IoU vs fp32 "
+                         f"{agree['mask_iou']:.3f}")
+        mem = m.get("memory")
+        if mem and "error" not in mem:
+            gib = 2**30
+            lines.append(f"  memory: peak RSS {max(mem['ru_maxrss_bytes'], mem['inference_peak_rss_bytes'] or 0) / gib:.2f} GiB"
+                         f" = {mem['ratio']:.2f}x (weights {mem['weights_bytes'] / gib:.2f} GiB + activations "
+                         f"{mem['activations_bytes'] / gib:.2f} GiB); interpreter+libraries "
+                         f"{mem['baseline_rss_bytes'] / gib:.2f} GiB ({mem['ratio_without_baseline']:.2f}x without)")
+        elif mem:
+            lines.append(f"  memory: {mem['error']}")
+    targets = report.get("targets")
+    if targets:
+        lines += ["", f"targets ({targets['preset']}; value at min, median in brackets)"]
+        for c in targets["checks"]:
+            met = {True: "MET", False: "NOT MET", None: "n/a"}[c["met"]]
+            lines.append(f"  {c['name']:<64}{_f(c['value']):>8} ({_f(c.get('median'))}) {c['target']:>9}  {met}")
+    issue = report.get("issue_check")
+    if issue:
+        lines += ["", "issue's starting point vs this run (stock FlopCounterMode excludes CPU attention)"]
+        for k in ("roofline_fp32_gflops", "roofline_bf16_gflops"):
+            lines.append(f"  {k:<30} issue {issue[k]['issue']:>7.0f}   measured {_f(issue[k]['measured'], '.0f'):>7}")
+        for k, v in issue.items():
+            if "issue_gflop" in v:
+                lines.append(f"  {k:<30} issue {v['issue_gflop']:>5.0f} GFLOP {v['issue_s']:>6.2f} s   measured "
+                             f"{v['measured_gflop_stock_counter']:>5.0f} GFLOP (+attention {v['measured_gflop_with_attention']:.0f})"
+                             f" {v['measured_min_s']:.2f}/{v['measured_median_s']:.2f} s")
+    gpu = report.get("gpu", {})
+    lines += ["", f"gpu: {gpu.get('status')}"]
+    if gpu.get("status") == "measured":
+        lat, thr, tr = gpu["latency_batch1"], gpu["throughput"], gpu["training_step"]
+        lines.append(f"  {gpu['device']}: bf16 latency batch 1 {lat['min_s'] * 1e3:.1f} ms; best throughput "
+                     f"{thr['images_per_s']:.1f} images/s at batch {thr['best_batch']}; training step "
+                     f"{tr['min_s'] * 1e3:.1f} ms (batch {tr['batch']}), MFU {100 * tr['mfu_at_min']:.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Run the whole benchmark in one process, evaluate the targets, write JSON atomically, print a table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: The issue's starting point ("Performance: a benchmark suite, and inference close to this
+#: machine's limit"), for the re-measurement: GFLOP/s, and (GFLOP, seconds) per stage.
+ISSUE_BASELINE = {
+    "roofline_fp32_gflops": 149.0,
+    "roofline_bf16_gflops": 388.0,
+    "sam_image_encoder": (742.0, 11.7),
+    "clip_image_encoder": (604.0, 4.3),
+    "text_encoder_per_expression": (53.0, 0.46),
+}
+SMOKE_PRESET = "tiny"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="rsrefseg-b", help="full-size preset to measure (tiny is always added)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3)")
+    parser.add_argument("--out", default="bench.json", help="JSON report (written atomically)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--smoke", action="store_true", help="tiny only, 1 repetition (CI; well under a minute)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 CPU path")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocess")
+
+
+def _check(name: str, value: float | None, target: float, higher_is_better: bool, **extra: Any) -> dict[str, Any]:
+    met = None if value is None else (value >= target if higher_is_better else value <= target)
+    op = ">=" if higher_is_better else "<="
+    return {"name": name, "value": value, "target": f"{op} {target:g}", "met": met, **extra}
+
+
+def evaluate_targets(model: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, from the measurements of one preset (ratios from one run)."""
+    pipe, ratios = model["pipeline"], model["pipeline"]["ratios"]
+    first = pipe["first_expression"]
+    mem = model.get("memory", {})
+    return [
+        _check("first expression: achieved share of the fp32 matmul roofline", first["share_of_roofline_at_min"],
+               0.80, True, median=first["share_of_roofline_at_median"]),
+        _check("further expression (batched) time / first expression", 1.0 / ratios["first_over_further_batched_min"],
+               1 / 15, False, median=1.0 / ratios["first_over_further_batched_median"]),
+        _check("naive pipeline / further expression (batched): speed-up", ratios["naive_over_further_batched_min"],
+               15.0, True, median=ratios["naive_over_further_batched_median"]),
+        _check("bf16 CPU path / fp32: end-to-end first-expression speed-up", ratios.get("bf16_speedup_first_min"),
+               2.0, True, median=ratios.get("bf16_speedup_first_median")),
+        _check("peak resident memory / (weights + one image's activations)", mem.get("ratio"), 1.3, False),
+    ]
+
+
+def issue_check(roof: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """The issue's starting numbers next to this run's (stock FlopCounterMode, HF attention)."""
+    flops, stages = model["flops"], model["stages"]
+    rows: dict[str, Any] = {
+        "roofline_fp32_gflops": {"issue": ISSUE_BASELINE["roofline_fp32_gflops"], "measured": roof["fp32"]["gflops"]},
+        "roofline_bf16_gflops": {"issue": ISSUE_BASELINE["roofline_bf16_gflops"],
+                                 "measured": roof.get("bf16", {}).get("gflops")},
+    }
+    pairs = {"sam_image_encoder": "sam_image_encoder_reference", "clip_image_encoder": "clip_image_encoder",
+             "text_encoder_per_expression": "text_encoder_per_expression"}
+    for name, measured in pairs.items():
+        gflop, seconds = ISSUE_BASELINE[name]  # type: ignore[misc]
+        rows[name] = {"issue_gflop": gflop, "issue_s": seconds,
+                      "measured_gflop_stock_counter": flops[measured]["gflop_stock_counter"],
+                      "measured_gflop_with_attention": flops[measured]["gflop"],
+                      "measured_min_s": stages[measured]["min_s"], "measured_median_s": stages[measured]["median_s"]}
+    return rows
+
+
+def run_suite(
+    preset: str = "rsrefseg-b",
+    reps: int = 3,
+    out: str | Path | None = "bench.json",
+    smoke: bool = False,
+    threads: int | None = None,
+    bf16: bool = True,
+    memory: bool = True,
+    argv: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the suite and return the report (also written to ``out`` and printed as a table)."""
+    from rsrefseg.bench.cpu import bench_model
+    from rsrefseg.bench.gpu import NO_GPU, bench_gpu
+    from rsrefseg.bench.memory import measure_memory
+    from rsrefseg.bench.report import format_table
+    from rsrefseg.bench.roofline import roofline
+    from rsrefseg.bench.timing import contention, load_average, machine_info
+
+    if threads:
+        torch.set_num_threads(threads)
+    if smoke:
+        reps = 1
+    meta = machine_info(list(argv) if argv is not None else sys.argv)
+    report: dict[str, Any] = {"meta": meta, "settings": {"preset": preset, "reps": reps, "warmup": 1,
+                                                         "smoke": smoke, "bf16": bf16, "memory": memory}}
+    log("roofline (torch.mm)")
+    sizes = [512, 1024] if smoke else [2048, 3072, 4096]
+    roof = roofline(sizes, reps=max(reps, 1 if smoke else 3))
+    report["roofline"] = roof
+    presets = [SMOKE_PRESET] if smoke else list(dict.fromkeys([preset, SMOKE_PRESET]))
+    report["models"] = {}
+    for name in presets:
+        result = bench_model(name, reps, roof["fp32"]["gflops"], roof["bf16"]["gflops"], bf16=bf16, log=log)
+        if memory:
+            log(f"[{name}] peak memory (fresh subprocess)")
+            result["memory"] = measure_memory(name, threads)
+        report["models"][name] = result
+    main = presets[0]
+    report["targets"] = {"preset": main, "checks": evaluate_targets(report["models"][main])}
+    if main == "rsrefseg-b":
+        report["issue_check"] = issue_check(roof, report["models"][main])
+    if smoke:
+        report["gpu"] = {"status": NO_GPU if not torch.cuda.is_available() else "not measured (smoke)"}
+    else:
+        report["gpu"] = bench_gpu(preset, reps, log=log)
+    meta.update(contention(meta["load_average_start"], load_average(), torch.get_num_threads()))
+    if out is not None:
+        from rsrefseg.utils import atomic_write_json
+
+        atomic_write_json(out, report)
+    log(format_table(report))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python benchmarks/bench.py`` (the same options as ``rsrefseg bench``)."""
+    parser = argparse.ArgumentParser(prog="bench", description="RSRefSeg benchmark suite")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    run_suite(args.preset, args.reps, args.out, args.smoke, args.threads, args.bf16, args.memory,
+              argv=["bench", *(argv if argv is not None else sys.argv[1:])])
+    return 0
