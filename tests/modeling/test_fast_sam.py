@@ -62,14 +62,16 @@ def test_encoder_matches_reference(attn: str, window: int) -> None:
     assert (out - ref).abs().max().item() < TOL
 
 
-def test_small_bias_blocks_and_inference_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Several query-row blocks (global layer) and window blocks (windowed layers)."""
+@pytest.mark.parametrize("budget", [1, 20_000, 40_000, 10**9])
+def test_bias_blocks_and_inference_mode(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    """Blocks of query rows, of heads, of batch items (global layer) and of windows."""
     enc = make_encoder(small_config(3))
     x = images()
+    monkeypatch.setattr(fast_sam, "BIAS_BLOCK_BYTES", budget)
+    monkeypatch.setattr(fast_sam, "MIN_BLOCK_QUERIES", 1)
     with torch.inference_mode():
         ref = enc(x).last_hidden_state
         enable_fast_sam(enc)
-        monkeypatch.setattr(fast_sam, "BIAS_BLOCK_BYTES", 1)
         out = enc(x).last_hidden_state
     assert (out - ref).abs().max().item() < TOL
 

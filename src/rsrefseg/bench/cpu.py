@@ -190,7 +190,8 @@ def bench_model(
         }
         bf16_model = None
         if bf16:
-            bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+            tokenizer = model.clip.tokenizer  # shared: tokenizers need not (and some cannot) be copied
+            bf16_model = copy.deepcopy(model, memo={id(tokenizer): tokenizer}).to(torch.bfloat16)
             feats16 = bf16_model.encode_image(image)
             fns["bf16_first_expression"] = lambda: bf16_model.decode(
                 bf16_model.encode_image(image), bf16_model.encode_text(texts[:1]))

@@ -46,60 +46,69 @@ def bench_gpu(
 
 def _bench_gpu(preset: str, reps: int, batches: tuple[int, ...], train_batch: int,
                log: Callable[[str], None]) -> dict[str, Any]:
-    from rsrefseg.bench.cpu import build_fast
-    from rsrefseg.modeling.fast_sam import enable_fast_sam
-    from rsrefseg.modeling.rsrefseg import RSRefSeg
-
     result: dict[str, Any] = {"status": "measured", "device": torch.cuda.get_device_name(0)}
     roof = roofline([4096, 8192], reps, ("bf16",), device="cuda")
     peak = roof["bf16"]["gflops"]
     result["roofline_bf16_gflops"] = peak
+    log(f"[gpu {preset}] inference")
+    result.update(_inference(preset, reps, batches, peak))
+    torch.cuda.empty_cache()
+    log(f"[gpu {preset}] training step (LoRA, bf16 autocast, batch {train_batch})")
+    result["training_step"] = _training(preset, reps, train_batch, peak)
+    torch.cuda.empty_cache()
+    return result
+
+
+def _inference(preset: str, reps: int, batches: tuple[int, ...], peak: float) -> dict[str, Any]:
+    from rsrefseg.bench.cpu import build_fast
+
     model, _ = build_fast(preset)
     model.to("cuda", torch.bfloat16)
-    log(f"[gpu {preset}] inference")
+
+    def timed(batch: int, warmup: int, n: int) -> dict[str, Any]:
+        image, texts = _inputs(model, batch)
+        return time_fn(lambda: model(image, texts), reps=n, warmup=warmup, sync=_sync)
+
+    out: dict[str, Any] = {}
     with torch.inference_mode():
         image, texts = _inputs(model, 1)
         gflop = count_flops(lambda: model(image, texts))["gflop"]
-        lat = time_fn(lambda: model(image, texts), reps=max(reps, 5), warmup=2, sync=_sync)
-        result["latency_batch1"] = {**lat, "gflop": gflop, "mfu_at_min": gflop / lat["min_s"] / peak}
+        lat = timed(1, 2, max(reps, 5))
+        out["latency_batch1"] = {**lat, "gflop": gflop, "mfu_at_min": gflop / lat["min_s"] / peak}
         through: dict[str, Any] = {}
         for b in batches:
             try:
-                image, texts = _inputs(model, b)
-                t = time_fn(lambda: model(image, texts), reps=reps, warmup=1, sync=_sync)
+                t = timed(b, 1, reps)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 break
             through[str(b)] = {**t, "images_per_s": b / t["min_s"], "mfu_at_min": b * gflop / t["min_s"] / peak}
         best = max(through, key=lambda k: through[k]["images_per_s"])
-        result["throughput"] = {"per_batch": through, "best_batch": int(best),
-                                "images_per_s": through[best]["images_per_s"]}
-    del model
-    torch.cuda.empty_cache()
+        out["throughput"] = {"per_batch": through, "best_batch": int(best), "images_per_s": through[best]["images_per_s"]}
+    return out
 
-    log(f"[gpu {preset}] training step (LoRA, bf16 autocast, batch {train_batch})")
-    train = RSRefSeg.from_preset(preset, random_init=True).to("cuda")
-    enable_fast_sam(train)
-    train.train()
-    params = [p for p in train.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=1e-4)
-    image, texts = _inputs(train, train_batch)
-    target = (torch.rand(train_batch, 1, train.image_size, train.image_size, device="cuda") > 0.5).float()
+
+def _training(preset: str, reps: int, batch: int, peak: float) -> dict[str, Any]:
+    from rsrefseg.modeling.fast_sam import enable_fast_sam
+    from rsrefseg.modeling.rsrefseg import RSRefSeg
+
+    model = RSRefSeg.from_preset(preset, random_init=True).to("cuda")
+    enable_fast_sam(model)
+    model.train()
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    image, texts = _inputs(model, batch)
+    target = (torch.rand(batch, 1, model.image_size, model.image_size, device="cuda") > 0.5).float()
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = train(image, texts)
+            out = model(image, texts)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(out.mask_logits.float(), target)
         loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
 
-    step_gflop = count_flops(step)["gflop"]
+    gflop = count_flops(step)["gflop"]
     t = time_fn(step, reps=reps, warmup=2, sync=_sync)
-    result["training_step"] = {**t, "batch": train_batch, "gflop": step_gflop,
-                               "mfu_at_min": step_gflop / t["min_s"] / peak,
-                               "mfu_at_median": step_gflop / t["median_s"] / peak,
-                               "mfu_note": "FLOPs counted (forward + backward) / time / measured bf16 matmul peak"}
-    del train, optim
-    torch.cuda.empty_cache()
-    return result
+    return {**t, "batch": batch, "gflop": gflop, "mfu_at_min": gflop / t["min_s"] / peak,
+            "mfu_at_median": gflop / t["median_s"] / peak,
+            "mfu_note": "FLOPs counted (forward + backward) / time / measured bf16 matmul peak"}

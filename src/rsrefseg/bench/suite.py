@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3)")
     parser.add_argument("--out", default="bench.json", help="JSON report (written atomically)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--smoke", action="store_true", help="tiny only, 1 repetition (CI; well under a minute)")
+    parser.add_argument("--smoke", action="store_true", help="tiny only, 1 repetition, 1 thread unless --threads (CI: structure, not speed)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 CPU path")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocess")
 
@@ -86,7 +86,26 @@ def run_suite(
     argv: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the suite and return the report (also written to ``out`` and printed as a table)."""
+    """Run the suite and return the report (also written to ``out`` and printed as a table).
+
+    The torch thread count is restored afterwards (``threads`` only applies to this run).
+    """
+    previous_threads = torch.get_num_threads()
+    if smoke:
+        reps = 1
+        # Tiny ops on 2 OpenMP threads of a shared 2-core machine can wait a whole scheduler slice
+        # per op (100x slower); the smoke run only checks the report, so it uses one thread.
+        threads = threads or 1
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(preset, reps, out, smoke, bf16, memory, threads, argv, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool, memory: bool,
+         threads: int | None, argv: Sequence[str] | None, log: Callable[[str], None]) -> dict[str, Any]:
     from rsrefseg.bench.cpu import bench_model
     from rsrefseg.bench.gpu import NO_GPU, bench_gpu
     from rsrefseg.bench.memory import measure_memory
@@ -94,13 +113,10 @@ def run_suite(
     from rsrefseg.bench.roofline import roofline
     from rsrefseg.bench.timing import contention, load_average, machine_info
 
-    if threads:
-        torch.set_num_threads(threads)
-    if smoke:
-        reps = 1
     meta = machine_info(list(argv) if argv is not None else sys.argv)
     report: dict[str, Any] = {"meta": meta, "settings": {"preset": preset, "reps": reps, "warmup": 1,
-                                                         "smoke": smoke, "bf16": bf16, "memory": memory}}
+                                                         "smoke": smoke, "bf16": bf16, "memory": memory,
+                                                         "threads": torch.get_num_threads()}}
     log("roofline (torch.mm)")
     sizes = [512, 1024] if smoke else [2048, 3072, 4096]
     roof = roofline(sizes, reps=max(reps, 1 if smoke else 3))

@@ -28,8 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer
 
-#: Bytes of attention bias materialised at once (one block of query rows or windows).
-BIAS_BLOCK_BYTES = 8 * 1024 * 1024
+#: Bytes of attention bias materialised at once on the CPU: one head's block of query rows (or a
+#: group of windows) that stays in the last-level cache, while still giving the CPU attention
+#: kernel at least :data:`MIN_BLOCK_QUERIES` queries (its large tile).
+BIAS_BLOCK_BYTES = 16 * 1024 * 1024
+#: The same on accelerators, where fewer, larger kernels are better (a ViT-B global layer at 1024^2
+#: needs 805 MB per image).
+DEVICE_BIAS_BLOCK_BYTES = 1024 * 1024 * 1024
+MIN_BLOCK_QUERIES = 768
 
 
 def rel_pos_table(rel_pos: torch.Tensor, q_size: int, k_size: int) -> torch.Tensor:
@@ -53,9 +59,16 @@ def rel_pos_table(rel_pos: torch.Tensor, q_size: int, k_size: int) -> torch.Tens
     return resized[relative.long()]
 
 
-def _blocks(total: int, per_item_bytes: int) -> int:
-    """How many items (query rows or windows) fit in one bias block (at least one)."""
-    return max(1, min(total, BIAS_BLOCK_BYTES // max(1, per_item_bytes)))
+def _block_shape(b: int, heads: int, height: int, width: int, esize: int, budget: int) -> tuple[int, int, int]:
+    """(batch items, heads, query rows) per bias block of at most ``budget`` bytes (when possible)."""
+    row = width * height * width * esize  # one head, one query row: width queries x N keys
+    head = row * height
+    if head * heads <= budget:
+        return max(1, min(b, budget // (head * heads))), heads, height
+    if head <= budget:
+        return 1, max(1, min(heads, budget // head)), height
+    rows = max(-(-MIN_BLOCK_QUERIES // width), budget // row)
+    return 1, 1, max(1, min(height, rows))
 
 
 def attention_with_rel_pos(
@@ -68,7 +81,7 @@ def attention_with_rel_pos(
     scale: float,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Attention with SAM's decomposed relative positions, in cache-sized blocks.
+    """Attention with SAM's decomposed relative positions, in cache-sized bias blocks.
 
     Args:
         query, key, value: ``B x heads x N x d`` (any strides with a contiguous last dimension),
@@ -92,45 +105,33 @@ def attention_with_rel_pos(
     q5 = query.view(b, heads, height, width, d)
     # rel_h[b, n, i, j, a] = q[b, n, i, j] . table_h[i, a]; rel_w[..., c] = q[b, n, i, j] . table_w[j, c]
     rel_h = torch.matmul(q5.permute(2, 0, 1, 3, 4).reshape(height, -1, d), table_h.transpose(1, 2))
-    rel_h = rel_h.view(height, b, heads, width, height).permute(1, 2, 0, 3, 4)  # b x n x h x w x h
+    rel_h = rel_h.view(height, b, heads, width, height).permute(1, 2, 0, 3, 4).contiguous()  # b x n x h x w x h
     rel_w = torch.matmul(q5.permute(3, 0, 1, 2, 4).reshape(width, -1, d), table_w.transpose(1, 2))
-    rel_w = rel_w.view(width, b, heads, height, width).permute(1, 2, 3, 0, 4)  # b x n x h x w x w
-    row_bytes = heads * width * n * query.element_size()  # bias of one query row, one batch item
-    need_grad = torch.is_grad_enabled() and (query.requires_grad or rel_pos_h.requires_grad)
-    if b > 1 and row_bytes * height <= BIAS_BLOCK_BYTES:
-        # Small grids (windows): blocks of whole batch items (windows).
-        step = _blocks(b, row_bytes * height)
-        buffer = None if need_grad else query.new_empty(step, heads, height, width, height, width)
-        for start in range(0, b, step):
-            stop = min(b, start + step)
-            lhs, rhs = rel_h[start:stop, ..., None], rel_w[start:stop, ..., None, :]
-            if buffer is None:
-                bias = (lhs + rhs).contiguous()
-            else:
-                bias = torch.add(lhs, rhs, out=buffer[: stop - start])
-            o = F.scaled_dot_product_attention(
-                query[start:stop], key[start:stop], value[start:stop],
-                attn_mask=bias.view(stop - start, heads, n, n), dropout_p=dropout, scale=scale,
-            )
-            out[start:stop] = o.transpose(1, 2)
-        return out
-    step = _blocks(height, row_bytes)
-    buffer = None if need_grad else query.new_empty(heads, step, width, height, width)
+    rel_w = rel_w.view(width, b, heads, height, width).permute(1, 2, 3, 0, 4).contiguous()  # b x n x h x w x w
+    budget = BIAS_BLOCK_BYTES if query.device.type == "cpu" else DEVICE_BIAS_BLOCK_BYTES
+    bs, hs, rs = _block_shape(b, heads, height, width, query.element_size(), budget)
+    grad = torch.is_grad_enabled() and (query.requires_grad or rel_pos_h.requires_grad or rel_pos_w.requires_grad)
+    buffer = None if grad else query.new_empty(bs, hs, rs, width, height, width)
     out_rows = out.view(b, height, width, heads, d)
-    for i in range(b):
-        for start in range(0, height, step):
-            stop = min(height, start + step)
-            lhs, rhs = rel_h[i, :, start:stop, ..., None], rel_w[i, :, start:stop, :, None, :]
-            if buffer is None:
-                bias = (lhs + rhs).contiguous()
-            else:
-                bias = torch.add(lhs, rhs, out=buffer[:, : stop - start])
-            rows = slice(start * width, stop * width)
-            o = F.scaled_dot_product_attention(
-                query[i : i + 1, :, rows], key[i : i + 1], value[i : i + 1],
-                attn_mask=bias.view(1, heads, (stop - start) * width, n), dropout_p=dropout, scale=scale,
-            )
-            out_rows[i, start:stop] = o[0].transpose(0, 1).view(stop - start, width, heads, d)
+    for b0 in range(0, b, bs):
+        b1 = min(b, b0 + bs)
+        for h0 in range(0, heads, hs):
+            h1 = min(heads, h0 + hs)
+            for r0 in range(0, height, rs):
+                r1 = min(height, r0 + rs)
+                lhs = rel_h[b0:b1, h0:h1, r0:r1, :, :, None]
+                rhs = rel_w[b0:b1, h0:h1, r0:r1, :, None, :]
+                if buffer is None:
+                    bias = lhs + rhs  # contiguous: both are, in the output's order
+                else:
+                    bias = torch.add(lhs, rhs, out=buffer[: b1 - b0, : h1 - h0, : r1 - r0])
+                rows = slice(r0 * width, r1 * width)
+                o = F.scaled_dot_product_attention(
+                    query[b0:b1, h0:h1, rows], key[b0:b1, h0:h1], value[b0:b1, h0:h1],
+                    attn_mask=bias.view(b1 - b0, h1 - h0, (r1 - r0) * width, n), dropout_p=dropout, scale=scale,
+                )
+                # B x h x rows*w x d -> B x rows x w x h x d
+                out_rows[b0:b1, r0:r1, :, h0:h1] = o.view(b1 - b0, h1 - h0, r1 - r0, width, d).permute(0, 2, 3, 1, 4)
     return out
 
 

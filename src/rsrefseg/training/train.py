@@ -243,8 +243,20 @@ def _train(
             prune_checkpoints(ckpt_root, config.keep_last)
         return path
 
+    def should_stop() -> str:
+        """"time" / "max_steps" when a budget is spent (the same answer on every process), else "done"."""
+        if budget is not None and time.monotonic() - session_start >= budget:
+            accelerator.set_trigger()
+        if accelerator.check_trigger():
+            return "time"
+        if config.max_steps is not None and state.global_step >= config.max_steps:
+            return "max_steps"
+        return "done"
+
     try:
-        for epoch in range(state.epoch, s.epochs):
+        if config.max_steps is not None and state.global_step >= config.max_steps:
+            stopped_by = "max_steps"  # resumed a run that already reached max_steps
+        for epoch in range(state.epoch, s.epochs if stopped_by == "done" else state.epoch):
             state.epoch = epoch
             sampler.set_epoch(epoch, state.batch_in_epoch)
             loader = DataLoader(view, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,
@@ -288,12 +300,7 @@ def _train(
                     if bar is not None:
                         bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                         bar.update(1)
-                if budget is not None and time.monotonic() - session_start >= budget:
-                    accelerator.set_trigger()
-                if accelerator.check_trigger():
-                    stopped_by = "time"
-                elif config.max_steps is not None and state.global_step >= config.max_steps:
-                    stopped_by = "max_steps"
+                stopped_by = should_stop()
                 if stopped_by != "done":
                     break
                 every = config.checkpoint_every_steps
@@ -306,7 +313,8 @@ def _train(
                 last_saved = checkpoint()
             if stopped_by != "done":
                 break
-        if stopped_by != "done" and state.batch_in_epoch > 0:  # stopped mid-epoch: validate and save here
+        validated = bool(state.history) and state.history[-1]["step"] == state.global_step
+        if stopped_by != "done" and state.batch_in_epoch > 0 and not validated:  # stopped mid-epoch
             validate()
             last_saved = checkpoint()
     finally:
