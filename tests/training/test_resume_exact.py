@@ -43,8 +43,8 @@ def _rows(path: Path) -> int:
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synthetic: dict[str, Path], tmp_path: Path) -> None:
     env = cli_env()
-    common = dict(batch_size=2, grad_accum=2, checkpoint_every_steps=5, keep_last=2,
-                  schedule__epochs=3, data__flip_h=0.5, data__flip_v=0.5, data__cache=True)
+    common = dict(batch_size=2, grad_accum=2, checkpoint_every_steps=5, keep_last=2, report_overlays=0,
+                  schedule__epochs=2, data__flip_h=0.5, data__flip_v=0.5, data__cache=True)
     # 48 records / 2 = 24 micro-batches = 12 optimizer steps per epoch; LoRA with dropout 0.1.
     lora = {"finetune": "lora", "lora_dropout": 0.1}
 
@@ -68,7 +68,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synthetic: dict[str
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     killed_at = _rows(loss_csv)
-    assert 8 <= killed_at < 36, f"the run was not killed mid-run (rows: {killed_at})"
+    assert 8 <= killed_at < 24, f"the run was not killed mid-run (rows: {killed_at})"
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert ckpts and all((tmp_path / "run" / "checkpoints" / c / "trainer_state.json").is_file() for c in ckpts)
     state = json.loads((tmp_path / "run" / "checkpoints" / ckpts[-1] / "trainer_state.json").read_text())
@@ -82,7 +82,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synthetic: dict[str
     assert ref.returncode == 0, out[-2000:]
 
     expected, got = _losses(tmp_path / "ref" / "logs" / "losses.csv"), _losses(loss_csv)
-    assert [r[:2] for r in got] == [r[:2] for r in expected] and len(expected) == 36
+    assert [r[:2] for r in got] == [r[:2] for r in expected] and len(expected) == 24
     worst = max(abs(a[2] - b[2]) for a, b in zip(expected, got))
     assert worst <= 1e-6, f"per-step losses differ by up to {worst}"
     assert all(abs(a[3] - b[3]) <= 1e-12 for a, b in zip(expected, got))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rsrefseg.bench.flops import count_flops
-from rsrefseg.bench.timing import scaled
+from rsrefseg.bench.timing import CpuMonitor, scaled
 
 #: The expressions of the benchmark (one image, several referring expressions).
 EXPRESSIONS = [
@@ -37,29 +37,50 @@ def seeded_image(size: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255.0
 
 
+def matmul_probe(size: int, dtype: torch.dtype) -> tuple[Callable[[], Any], float]:
+    """A ``size^2`` matmul to run inside the rounds (the roofline under the same conditions)."""
+    gen = torch.Generator().manual_seed(size)
+    a, b = (torch.randn(size, size, generator=gen).to(dtype) for _ in range(2))
+    out = torch.empty(size, size, dtype=dtype)
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3 / 1e9
+
+
 def rounds(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
-    """Time several functions side by side: ``warmup`` + ``reps`` rounds, each running all once."""
+    """Time several functions side by side: ``warmup`` + ``reps`` rounds, each running all once.
+
+    The entry ``"_cpu"`` says how much CPU other processes took meanwhile.
+    """
     times: dict[str, list[float]] = {name: [] for name in fns}
+    monitor = CpuMonitor()
     for r in range(warmup + max(1, reps)):
+        if r == warmup:
+            monitor.start()
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {
+    out: dict[str, dict[str, Any]] = {
         name: {"min_s": min(t), "median_s": statistics.median(t), "reps": len(t), "times_s": t}
         for name, t in times.items()
     }
+    out["_cpu"] = monitor.stop()
+    return out
 
 
-def _rate(timing: dict[str, Any], gflop: float, roof: float) -> dict[str, Any]:
+def _rate(timing: dict[str, Any], gflop: float, roof: dict[str, float] | None) -> dict[str, Any]:
+    """Add GFLOP/s and the share of the roofline measured in the same rounds (min vs min, median vs median)."""
     out = dict(timing)
     out["gflop"] = gflop
     out["gflops_at_min"] = gflop / timing["min_s"]
     out["gflops_at_median"] = gflop / timing["median_s"]
-    out["share_of_roofline_at_min"] = out["gflops_at_min"] / roof if roof else None
-    out["share_of_roofline_at_median"] = out["gflops_at_median"] / roof if roof else None
+    out["share_of_roofline_at_min"] = out["gflops_at_min"] / roof["gflops_at_min"] if roof else None
+    out["share_of_roofline_at_median"] = out["gflops_at_median"] / roof["gflops_at_median"] if roof else None
     return out
+
+
+def _roof(timing: dict[str, Any], gflop: float) -> dict[str, float]:
+    return {"size_gflop": gflop, "gflops_at_min": gflop / timing["min_s"], "gflops_at_median": gflop / timing["median_s"]}
 
 
 def build_fast(preset: str) -> tuple[Any, dict[str, Any]]:
@@ -92,13 +113,16 @@ def _agreement(a: Any, b: Any) -> dict[str, float]:
 def bench_model(
     preset: str,
     reps: int,
-    roof_fp32: float,
-    roof_bf16: float | None = None,
+    probe_size: int = 4096,
     batch: int = 8,
     bf16: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """All CPU measurements of one preset (see the module docstring)."""
+    """All CPU measurements of one preset (see the module docstring).
+
+    A ``probe_size^2`` matmul runs in every round: GFLOP/s are shared against the roofline measured
+    under the same conditions as the stage, not minutes earlier on a shared machine.
+    """
     from rsrefseg.modeling.fast_sam import disable_fast_sam, enable_fast_sam
 
     model, info = build_fast(preset)
@@ -106,23 +130,13 @@ def bench_model(
     image = seeded_image(model.image_size)
     texts = EXPRESSIONS[:batch]
     index = torch.zeros(len(texts), dtype=torch.long)
+    mm32, g32 = matmul_probe(probe_size, torch.float32)
     result: dict[str, Any] = {"preset": preset, **info, "image_size": model.image_size,
                               "clip_image_size": model.clip.image_size, "batch_expressions": len(texts)}
     with torch.inference_mode():
-        x = torch.nn.functional.interpolate(image, size=(model.image_size,) * 2, mode="bilinear")
-        sam_in = (x - model.sam_mean) / model.sam_std
+        sam_in = (image - model.sam_mean) / model.sam_std
         feats = model.encode_image(image)
         one, many = model.encode_text(texts[:1]), model.encode_text(texts)
-
-        def first() -> Any:
-            return model.decode(model.encode_image(image), model.encode_text(texts[:1]))
-
-        def further_batched() -> Any:
-            return model.decode(feats, model.encode_text(texts), image_index=index)
-
-        def further_single() -> Any:
-            return model.decode(feats, model.encode_text(texts[1:2]))
-
         naive_i = [0]
 
         def naive() -> Any:  # the reference pipeline: every expression re-encodes the image
@@ -136,17 +150,17 @@ def bench_model(
             finally:
                 enable_fast_sam(model)
 
-        # ---- FLOPs (this pass doubles as a warm-up)
-        log(f"[{preset}] counting FLOPs")
-        flops = {
-            "sam_image_encoder": count_flops(lambda: model.sam.vision_encoder(sam_in)),
-            "sam_image_encoder_reference": count_flops(sam_reference),
-            "clip_image_encoder": count_flops(lambda: model.clip.encode_image(image)),
-            "text_encoder_per_expression": count_flops(lambda: model.encode_text(texts[:1])),
-            "decode_per_expression": count_flops(lambda: model.decode(feats, one)),
-            "text_encoder_batch": count_flops(lambda: model.encode_text(texts)),
-            "decode_batch": count_flops(lambda: model.decode(feats, many, image_index=index)),
+        stage_fns: dict[str, Callable[[], Any]] = {
+            "sam_image_encoder": lambda: model.sam.vision_encoder(sam_in),
+            "sam_image_encoder_reference": sam_reference,
+            "clip_image_encoder": lambda: model.clip.encode_image(image),
+            "text_encoder_per_expression": lambda: model.encode_text(texts[:1]),
+            "decode_per_expression": lambda: model.decode(feats, one),
+            "text_encoder_batch": lambda: model.encode_text(texts),
+            "decode_batch": lambda: model.decode(feats, many, image_index=index),
         }
+        log(f"[{preset}] counting FLOPs")  # (this pass doubles as a warm-up)
+        flops = {name: count_flops(fn) for name, fn in stage_fns.items()}
         keys = ("sam_image_encoder", "clip_image_encoder", "text_encoder_per_expression", "decode_per_expression")
         flops["first_expression"] = {k: sum(flops[s][k] for s in keys) for k in flops["sam_image_encoder"]}
         further = {k: (flops["text_encoder_batch"][k] + flops["decode_batch"][k]) / len(texts)
@@ -155,76 +169,84 @@ def bench_model(
         result["flops"] = flops
         g = {name: f["gflop"] for name, f in flops.items()}
 
-        # ---- stages (fast path) and the reference SAM encoder, side by side
         log(f"[{preset}] timing stages ({reps} reps)")
-        st = rounds({
-            "sam_image_encoder": lambda: model.sam.vision_encoder(sam_in),
-            "sam_image_encoder_reference": sam_reference,
-            "clip_image_encoder": lambda: model.clip.encode_image(image),
-            "text_encoder_per_expression": lambda: model.encode_text(texts[:1]),
-            "decode_per_expression": lambda: model.decode(feats, one),
-            "text_encoder_batch": lambda: model.encode_text(texts),
-            "decode_batch": lambda: model.decode(feats, many, image_index=index),
-        }, reps)
-        stages = {name: _rate(t, g[name], roof_fp32) for name, t in st.items()}
+        st = rounds({**stage_fns, "roofline_fp32": mm32}, reps)
+        roof = _roof(st.pop("roofline_fp32"), g32)
+        result["roofline_in_rounds"] = {"stages_fp32": roof}
+        result["contention"] = {"stages": st.pop("_cpu")}
+        stages = {name: _rate(t, g[name], roof) for name, t in st.items()}
         for name in ("text_encoder_batch", "decode_batch"):
-            per = scaled(st[name], len(texts))
-            stages[name + "_per_expression"] = _rate(per, g[name] / len(texts), roof_fp32)
+            stages[name + "_per_expression"] = _rate(scaled(st[name], len(texts)), g[name] / len(texts), roof)
         result["stages"] = stages
-        ref_out = model.sam.vision_encoder(sam_in).last_hidden_state
-        disable_fast_sam(model)
-        hf_out = model.sam.vision_encoder(sam_in).last_hidden_state
-        enable_fast_sam(model)
+        fast_out = model.sam.vision_encoder(sam_in).last_hidden_state
         result["fast_sam"] = {
             "speedup_min": st["sam_image_encoder_reference"]["min_s"] / st["sam_image_encoder"]["min_s"],
             "speedup_median": st["sam_image_encoder_reference"]["median_s"] / st["sam_image_encoder"]["median_s"],
-            "max_abs_diff_vs_hf": (ref_out - hf_out).abs().max().item(),
+            "max_abs_diff_vs_hf": (fast_out - sam_reference().last_hidden_state).abs().max().item(),
         }
-
-        # ---- pipelines (+ bf16 weights), side by side
-        fns: dict[str, Callable[[], Any]] = {
-            "first_expression": first,
-            "further_expression_batched": further_batched,
-            "further_expression_single": further_single,
-            "naive_per_expression": naive,
-        }
-        bf16_model = None
-        if bf16:
-            tokenizer = model.clip.tokenizer  # shared: tokenizers need not (and some cannot) be copied
-            bf16_model = copy.deepcopy(model, memo={id(tokenizer): tokenizer}).to(torch.bfloat16)
-            feats16 = bf16_model.encode_image(image)
-            fns["bf16_first_expression"] = lambda: bf16_model.decode(
-                bf16_model.encode_image(image), bf16_model.encode_text(texts[:1]))
-            fns["bf16_further_expression_batched"] = lambda: bf16_model.decode(
-                feats16, bf16_model.encode_text(texts), image_index=index)
-        log(f"[{preset}] timing pipelines ({reps} reps)")
-        pt = rounds(fns, reps)
-        pipe: dict[str, Any] = {}
-        pipe["first_expression"] = _rate(pt["first_expression"], g["first_expression"], roof_fp32)
-        pipe["further_expression_batched_per_expression"] = _rate(
-            scaled(pt["further_expression_batched"], len(texts)), further["gflop"], roof_fp32)
-        pipe["further_expression_single"] = _rate(
-            pt["further_expression_single"], g["text_encoder_per_expression"] + g["decode_per_expression"], roof_fp32)
-        pipe["naive_per_expression"] = _rate(pt["naive_per_expression"], g["first_expression"], roof_fp32)
-        f_min, f_med = pt["first_expression"]["min_s"], pt["first_expression"]["median_s"]
-        b = pipe["further_expression_batched_per_expression"]
-        n = pipe["naive_per_expression"]
-        pipe["ratios"] = {
-            "first_over_further_batched_min": f_min / b["min_s"],
-            "first_over_further_batched_median": f_med / b["median_s"],
-            "naive_over_further_batched_min": n["min_s"] / b["min_s"],
-            "naive_over_further_batched_median": n["median_s"] / b["median_s"],
-            "first_over_further_single_min": f_min / pipe["further_expression_single"]["min_s"],
-        }
-        if bf16_model is not None:
-            pipe["bf16_first_expression"] = _rate(pt["bf16_first_expression"], g["first_expression"], roof_bf16 or 0.0)
-            pipe["bf16_further_expression_batched_per_expression"] = _rate(
-                scaled(pt["bf16_further_expression_batched"], len(texts)), further["gflop"], roof_bf16 or 0.0)
-            pipe["ratios"]["bf16_speedup_first_min"] = f_min / pt["bf16_first_expression"]["min_s"]
-            pipe["ratios"]["bf16_speedup_first_median"] = f_med / pt["bf16_first_expression"]["median_s"]
-            pipe["ratios"]["bf16_speedup_further_batched_min"] = (
-                pt["further_expression_batched"]["min_s"] / pt["bf16_further_expression_batched"]["min_s"])
-            pipe["bf16_agreement"] = _agreement(first(), fns["bf16_first_expression"]())
-            del bf16_model
-        result["pipeline"] = pipe
+        result["pipeline"] = _pipelines(model, image, texts, feats, naive, reps, g, further["gflop"], bf16, mm32, g32,
+                                        probe_size, result, log)
     return result
+
+
+def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, naive: Callable[[], Any], reps: int,
+               g: dict[str, float], further_gflop: float, bf16: bool, mm32: Callable[[], Any], g32: float,
+               probe_size: int, result: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """First / further / naive expressions (+ bf16 weights), side by side."""
+    index = torch.zeros(len(texts), dtype=torch.long)
+    fns: dict[str, Callable[[], Any]] = {
+        "first_expression": lambda: model.decode(model.encode_image(image), model.encode_text(texts[:1])),
+        "further_expression_batched": lambda: model.decode(feats, model.encode_text(texts), image_index=index),
+        "further_expression_single": lambda: model.decode(feats, model.encode_text(texts[1:2])),
+        "naive_per_expression": naive,
+        "roofline_fp32": mm32,
+    }
+    bf16_model = None
+    if bf16:
+        tokenizer = model.clip.tokenizer  # shared: tokenizers need not (and some cannot) be copied
+        bf16_model = copy.deepcopy(model, memo={id(tokenizer): tokenizer}).to(torch.bfloat16)
+        feats16 = bf16_model.encode_image(image)
+        fns["bf16_first_expression"] = lambda: bf16_model.decode(
+            bf16_model.encode_image(image), bf16_model.encode_text(texts[:1]))
+        fns["bf16_further_expression_batched"] = lambda: bf16_model.decode(
+            feats16, bf16_model.encode_text(texts), image_index=index)
+        mm16, g16 = matmul_probe(probe_size, torch.bfloat16)
+        fns["roofline_bf16"] = mm16
+    log(f"[{preset_of(model)}] timing pipelines ({reps} reps)")
+    pt = rounds(fns, reps)
+    result["contention"]["pipelines"] = pt.pop("_cpu")
+    roof = _roof(pt.pop("roofline_fp32"), g32)
+    result["roofline_in_rounds"]["pipelines_fp32"] = roof
+    n = len(texts)
+    pipe: dict[str, Any] = {
+        "first_expression": _rate(pt["first_expression"], g["first_expression"], roof),
+        "further_expression_batched_per_expression": _rate(scaled(pt["further_expression_batched"], n),
+                                                           further_gflop, roof),
+        "further_expression_single": _rate(pt["further_expression_single"],
+                                           g["text_encoder_per_expression"] + g["decode_per_expression"], roof),
+        "naive_per_expression": _rate(pt["naive_per_expression"], g["first_expression"], roof),
+    }
+    first, b, nv = pt["first_expression"], pipe["further_expression_batched_per_expression"], pipe["naive_per_expression"]
+    ratios = pipe["ratios"] = {
+        "first_over_further_batched_min": first["min_s"] / b["min_s"],
+        "first_over_further_batched_median": first["median_s"] / b["median_s"],
+        "naive_over_further_batched_min": nv["min_s"] / b["min_s"],
+        "naive_over_further_batched_median": nv["median_s"] / b["median_s"],
+        "first_over_further_single_min": first["min_s"] / pipe["further_expression_single"]["min_s"],
+    }
+    if bf16_model is not None:
+        roof16 = _roof(pt.pop("roofline_bf16"), g16)
+        result["roofline_in_rounds"]["pipelines_bf16"] = roof16
+        pipe["bf16_first_expression"] = _rate(pt["bf16_first_expression"], g["first_expression"], roof16)
+        pipe["bf16_further_expression_batched_per_expression"] = _rate(
+            scaled(pt["bf16_further_expression_batched"], n), further_gflop, roof16)
+        ratios["bf16_speedup_first_min"] = first["min_s"] / pt["bf16_first_expression"]["min_s"]
+        ratios["bf16_speedup_first_median"] = first["median_s"] / pt["bf16_first_expression"]["median_s"]
+        ratios["bf16_speedup_further_batched_min"] = (
+            pt["further_expression_batched"]["min_s"] / pt["bf16_further_expression_batched"]["min_s"])
+        pipe["bf16_agreement"] = _agreement(fns["first_expression"](), fns["bf16_first_expression"]())
+    return pipe
+
+
+def preset_of(model: Any) -> str:
+    return str(getattr(model.config, "preset", "model"))

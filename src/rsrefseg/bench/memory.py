@@ -4,12 +4,15 @@ The child (``python -m rsrefseg.bench.memory``) builds the preset as the benchma
 init, LoRA merged, fast SAM), records its resident memory, resets the kernel's high-water mark
 (``/proc/self/clear_refs``), runs one image + one expression, and reports:
 
-- ``ru_maxrss_bytes``: the whole process peak (imports and building included);
-- ``inference_peak_rss_bytes``: the high-water mark of the inference alone (after the reset);
+- ``peak_rss_bytes``: the whole process peak (imports and building included): the larger of
+  ``ru_maxrss`` and the kernel's ``VmHWM``. On Linux a child's ``ru_maxrss`` starts from its
+  parent's resident size at ``fork``, so the suite runs this child before it loads any model;
+- ``build_peak_rss_bytes`` and ``inference_peak_rss_bytes``: ``VmHWM`` after building, and of
+  the inference alone (after the reset);
 - ``weights_bytes``: parameters and buffers; ``activations_bytes``: the peak of live tensor
   storage during the inference (tracked op by op), plus the input image;
-- ``ratio``: peak resident / (weights + activations), where the peak is the larger of the two
-  peaks above; the interpreter and libraries (``baseline_rss_bytes``) are part of the numerator.
+- ``ratio``: peak resident / (weights + activations); the interpreter and libraries
+  (``baseline_rss_bytes``, after importing them) are part of the numerator.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def child(preset: str, threads: int | None) -> dict[str, Any]:
                for t in list(model.parameters()) + list(model.buffers())}
     image = seeded_image(model.image_size)
     after_build = _rss_bytes()
+    build_peak = _hwm_bytes()
     reset = _reset_hwm()
     tracker = LiveTensorTracker(exclude=set(weights))
     with torch.inference_mode(), tracker:
@@ -116,17 +120,20 @@ def child(preset: str, threads: int | None) -> dict[str, Any]:
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     weights_bytes = sum(weights.values())
     activations = tracker.peak + image.numel() * image.element_size()
-    peak = max(maxrss, hwm or 0)
+    peak = max(maxrss, hwm or 0, build_peak or 0)
     return {
         "preset": preset,
         "baseline_rss_bytes": baseline,
         "rss_after_build_bytes": after_build,
+        "peak_rss_bytes": peak,
         "ru_maxrss_bytes": maxrss,
+        "build_peak_rss_bytes": build_peak,
         "inference_peak_rss_bytes": hwm,
         "weights_bytes": weights_bytes,
         "activations_bytes": activations,
         "ratio": peak / (weights_bytes + activations),
         "ratio_without_baseline": (peak - baseline) / (weights_bytes + activations),
+        "inference_ratio": (hwm or peak) / (weights_bytes + activations),
         "parameters": info["parameters"],
     }
 

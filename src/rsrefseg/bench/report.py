@@ -27,6 +27,10 @@ def _f(x: Any, fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100.0 * x
+
+
 def _timing_rows(items: list[tuple[str, str]], data: dict[str, Any], width: int) -> list[str]:
     rows = []
     for key, label in items:
@@ -47,8 +51,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"command: {meta['command']}",
         f"cpu: {meta['cpu']}  cores {meta['cpu_count']}  torch threads {meta['torch_threads']}  "
         f"avx512_bf16 {meta['avx512_bf16']}  amx_bf16 {meta['amx_bf16']}",
-        f"load average start {meta['load_average_start']} end {meta.get('load_average_end')}  "
-        f"contended: {meta.get('contended')}",
+        f"load average start {meta['load_average_start']} end {meta.get('load_average_end')}; other processes "
+        f"used {_f(_pct(meta.get('others_cpu_fraction')), '.0f')}% of the CPUs; contended: {meta.get('contended')}",
         "",
         "matmul roofline (torch.mm, GFLOP/s at min / median)",
     ]
@@ -57,13 +61,22 @@ def format_table(report: dict[str, Any]) -> str:
         sizes = "  ".join(f"{n}^2 {t['gflops_at_min']:.0f}/{t['gflops_at_median']:.0f}" for n, t in data["sizes"].items())
         lines.append(f"  {dtype:<5} best {data['gflops']:>7.1f}   ({sizes})")
     width = 42
-    head = f"  {'':<{width}}{'GFLOP':>9}{'min s':>10}{'median s':>10}{'GFLOP/s':>9}{'roof':>8}"
+    head = f"  {'':<{width}}{'GFLOP':>9}{'min s':>10}{'median s':>10}{'GFLOP/s':>9}{'roof':>8}  (roof: share of the roofline measured in the same rounds, min vs min)"
     for name, m in report["models"].items():
         lines += ["", f"[{name}]  {m['parameters'] / 1e6:.1f} M parameters, image {m['image_size']}, "
                   f"{m['batch_expressions']} expressions per batch; GFLOP include attention; "
                   f"reps {report['settings']['reps']} after 1 warm-up", head]
+        rr, cont = m["roofline_in_rounds"], m["contention"]
         lines += _timing_rows(STAGES, m["stages"], width)
+        lines.append(f"  (fp32 roofline in these rounds {rr['stages_fp32']['gflops_at_min']:.1f}/"
+                     f"{rr['stages_fp32']['gflops_at_median']:.1f} GFLOP/s; other processes used "
+                     f"{_f(_pct(cont['stages']['others_cpu_fraction']), '.0f')}% of the CPUs)")
         lines += _timing_rows(PIPELINE, m["pipeline"], width)
+        bf = rr.get("pipelines_bf16")
+        lines.append(f"  (roofline in these rounds fp32 {rr['pipelines_fp32']['gflops_at_min']:.1f}/"
+                     f"{rr['pipelines_fp32']['gflops_at_median']:.1f}"
+                     + (f", bf16 {bf['gflops_at_min']:.1f}/{bf['gflops_at_median']:.1f}" if bf else "")
+                     + f" GFLOP/s; other processes used {_f(_pct(cont['pipelines']['others_cpu_fraction']), '.0f')}%)")
         r = m["pipeline"]["ratios"]
         lines.append(f"  ratios (min / median): first/further {r['first_over_further_batched_min']:.1f}/"
                      f"{r['first_over_further_batched_median']:.1f}x, naive/further {r['naive_over_further_batched_min']:.1f}/"
@@ -77,10 +90,11 @@ def format_table(report: dict[str, Any]) -> str:
         mem = m.get("memory")
         if mem and "error" not in mem:
             gib = 2**30
-            lines.append(f"  memory: peak RSS {max(mem['ru_maxrss_bytes'], mem['inference_peak_rss_bytes'] or 0) / gib:.2f} GiB"
-                         f" = {mem['ratio']:.2f}x (weights {mem['weights_bytes'] / gib:.2f} GiB + activations "
-                         f"{mem['activations_bytes'] / gib:.2f} GiB); interpreter+libraries "
-                         f"{mem['baseline_rss_bytes'] / gib:.2f} GiB ({mem['ratio_without_baseline']:.2f}x without)")
+            lines.append(f"  memory: peak RSS {mem['peak_rss_bytes'] / gib:.2f} GiB = {mem['ratio']:.2f}x (weights "
+                         f"{mem['weights_bytes'] / gib:.2f} GiB + activations {mem['activations_bytes'] / gib:.2f} GiB);"
+                         f" build peak {(mem['build_peak_rss_bytes'] or 0) / gib:.2f}, inference peak "
+                         f"{(mem['inference_peak_rss_bytes'] or 0) / gib:.2f} GiB; interpreter+libraries "
+                         f"{mem['baseline_rss_bytes'] / gib:.2f} GiB")
         elif mem:
             lines.append(f"  memory: {mem['error']}")
     targets = report.get("targets")

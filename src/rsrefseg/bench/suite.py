@@ -111,8 +111,9 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
     from rsrefseg.bench.memory import measure_memory
     from rsrefseg.bench.report import format_table
     from rsrefseg.bench.roofline import roofline
-    from rsrefseg.bench.timing import contention, load_average, machine_info
+    from rsrefseg.bench.timing import CpuMonitor, contention, load_average, machine_info
 
+    monitor = CpuMonitor()
     meta = machine_info(list(argv) if argv is not None else sys.argv)
     report: dict[str, Any] = {"meta": meta, "settings": {"preset": preset, "reps": reps, "warmup": 1,
                                                          "smoke": smoke, "bf16": bf16, "memory": memory,
@@ -122,12 +123,17 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
     roof = roofline(sizes, reps=max(reps, 1 if smoke else 3))
     report["roofline"] = roof
     presets = [SMOKE_PRESET] if smoke else list(dict.fromkeys([preset, SMOKE_PRESET]))
+    # Memory first: a child's ru_maxrss starts from its parent's resident size at fork, so the
+    # children are started while this process holds no model.
+    memories = {}
+    for name in presets if memory else []:
+        log(f"[{name}] peak memory (fresh subprocess)")
+        memories[name] = measure_memory(name, threads)
     report["models"] = {}
     for name in presets:
-        result = bench_model(name, reps, roof["fp32"]["gflops"], roof["bf16"]["gflops"], bf16=bf16, log=log)
-        if memory:
-            log(f"[{name}] peak memory (fresh subprocess)")
-            result["memory"] = measure_memory(name, threads)
+        result = bench_model(name, reps, probe_size=1024 if smoke else 4096, bf16=bf16, log=log)
+        if name in memories:
+            result["memory"] = memories[name]
         report["models"][name] = result
     main = presets[0]
     report["targets"] = {"preset": main, "checks": evaluate_targets(report["models"][main])}
@@ -137,7 +143,8 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
         report["gpu"] = {"status": NO_GPU if not torch.cuda.is_available() else "not measured (smoke)"}
     else:
         report["gpu"] = bench_gpu(preset, reps, log=log)
-    meta.update(contention(meta["load_average_start"], load_average(), torch.get_num_threads()))
+    meta.update(contention(meta["load_average_start"], load_average(), monitor.stop()["others_cpu_fraction"],
+                           torch.get_num_threads()))
     if out is not None:
         from rsrefseg.utils import atomic_write_json
 

@@ -96,13 +96,57 @@ def machine_info(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
 
-def contention(start: list[float], end: list[float], cpus: int | None) -> dict[str, Any]:
-    """Whether other work shared the CPUs: 1-minute load above the cores this run uses."""
-    cores = cpus or 1
-    worst = max([x for x in start[:1] + end[:1]] or [0.0])
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes have been busy since boot (Linux ``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as handle:
+            fields = handle.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMonitor:
+    """How much CPU other processes used while this one ran (the machine is shared).
+
+    ``others_cpu_fraction`` is the busy time of everything but this process (and its children)
+    over ``wall x cores``: 0 on a quiet machine; 0.5 on 2 cores means one core was taken.
+    """
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self._wall = time.perf_counter()
+        self._busy = _busy_seconds()
+        t = os.times()
+        self._ours = t.user + t.system + t.children_user + t.children_system
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self._wall
+        busy = _busy_seconds()
+        t = os.times()
+        ours = t.user + t.system + t.children_user + t.children_system - self._ours
+        if busy is None or self._busy is None or wall <= 0:
+            return {"wall_s": wall, "others_cpu_fraction": None}
+        others = max(0.0, busy - self._busy - ours)
+        return {"wall_s": wall, "ours_cpu_s": ours, "others_cpu_s": others,
+                "others_cpu_fraction": others / (wall * (os.cpu_count() or 1))}
+
+
+def contention(start: list[float], end: list[float], others_fraction: float | None, threads: int) -> dict[str, Any]:
+    """Whether other work took CPU this run's threads needed (see :class:`CpuMonitor`).
+
+    Contended: other processes used more than the cores this run leaves free, plus 0.1 core.
+    """
+    cores = os.cpu_count() or 1
+    free = max(0, cores - threads)
     return {
         "load_average_start": start,
         "load_average_end": end,
-        "contended": worst > cores + 0.5,
-        "note": "1-minute load average vs cores; this run itself accounts for up to all cores",
+        "others_cpu_fraction": others_fraction,
+        "others_cores": None if others_fraction is None else others_fraction * cores,
+        "contended": None if others_fraction is None else others_fraction * cores > free + 0.1,
+        "note": "others_cpu_fraction: CPU time of other processes / (wall x cores) over the whole run",
     }

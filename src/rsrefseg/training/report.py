@@ -119,14 +119,14 @@ def plot_val(history: Sequence[dict[str, Any]], out: str | Path, baselines: dict
     """Validation mIoU / oIoU / Pr@0.5 against the epoch, with baseline mIoUs as dashed lines."""
     fig = _figure(7.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    epochs = [h["epoch"] + 1 for h in history]
+    epochs = [h["epoch"] for h in history]  # epochs completed (fractional for a mid-epoch stop)
     for key, color in (("mIoU", "C0"), ("oIoU", "C2"), ("Pr@0.5", "C3")):
         ax.plot(epochs, [100 * h.get(key, math.nan) for h in history], marker="o", color=color, label=f"val {key}")
     for k, (name, metrics) in enumerate((baselines or {}).items()):
         if isinstance(metrics, dict) and "mIoU" in metrics:
             ax.axhline(100 * metrics["mIoU"], linestyle="--", color=f"C{4 + k}", linewidth=1,
                        label=f"{name} mIoU")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epochs completed")
     ax.set_ylabel("%")
     ax.legend(fontsize=8)
     fig.tight_layout()
