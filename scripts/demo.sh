@@ -60,7 +60,7 @@ stamp "4/5 evaluation of the best checkpoint on val, with baselines"
     --cache-dir "$DEMO/run/cache" --batch-size 16 --overlays 6
 
 stamp "5/5 one validation image, three expressions"
-# The validation image whose expressions name the most distinct targets; three of its expressions.
+# The validation image whose expressions name the most object classes; one expression per class.
 mapfile -t PICK < <("$PY" - "$DEMO/data/val.jsonl" <<'PYEOF'
 import sys
 from collections import defaultdict
@@ -70,8 +70,11 @@ from rsrefseg.data.records import read_jsonl
 by_image = defaultdict(list)
 for record in read_jsonl(sys.argv[1]):
     by_image[record.file_name].append(record)
-name = max(sorted(by_image), key=lambda f: len({(r.category_name, r.rule) for r in by_image[f]}))
-texts = list(dict.fromkeys(r.sent for r in by_image[name]))[:3]
+name = max(sorted(by_image), key=lambda f: (len({r.category_name for r in by_image[f]}), len(by_image[f])))
+first = {}
+for record in by_image[name]:  # the first expression of each class, then others to make three
+    first.setdefault(record.category_name, record.sent)
+texts = list(dict.fromkeys([*first.values(), *(r.sent for r in by_image[name])]))[:3]
 print(name)
 print("\n".join(texts))
 PYEOF

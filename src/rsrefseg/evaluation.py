@@ -172,6 +172,46 @@ def evaluate(
     return EvalResult(metrics, ordered, predictions)
 
 
+# ---------------------------------------------------------------------- does the model read the text?
+class SwappedTextView(Dataset[dict[str, Any]]):
+    """Samples of ``dataset`` whose expression is replaced by another expression of the SAME image
+    that refers to a different target; the target stays the original one.
+
+    A model that reads the expression scores much lower here than on the true expressions; a model
+    that ignores the text (it segments whatever is salient) scores the same. Samples whose image has
+    no expression with another target are left out.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        by_image: dict[str, list[int]] = {}
+        for index, record in enumerate(dataset.records):
+            by_image.setdefault(record.file_name, []).append(index)
+        self.pairs: list[tuple[int, int]] = []  # (sample, index whose expression it gets)
+        for indices in by_image.values():
+            for index in indices:
+                target = _segmentation_key(dataset.records[index])
+                other = next((j for j in indices[indices.index(index) + 1 :] + indices
+                              if _segmentation_key(dataset.records[j]) != target), None)
+                if other is not None:
+                    self.pairs.append((index, other))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        index, other = self.pairs[position]
+        item = dict(self.dataset[index])
+        item["text"] = self.dataset.records[other].sent
+        return item
+
+
+def _segmentation_key(record: Any) -> str:
+    import json
+
+    return json.dumps(record.segmentation, sort_keys=True)
+
+
 # ---------------------------------------------------------------------- baselines
 def target_mask(dataset: Any, index: int) -> np.ndarray:
     """The original-resolution bool target ``H x W`` of sample ``index`` (no image decode for RLE)."""

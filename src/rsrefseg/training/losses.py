@@ -30,6 +30,20 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
     return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
 
 
+def activation_loss(global_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE between the global text-activation logits and the target marked on the CLIP patch grid.
+
+    A patch counts as positive when any pixel of the target falls in it (max pooling), so small
+    objects still mark their patch.
+
+    Args:
+        global_logits: ``B x 1 x h x w`` (``RSRefSegOutput.global_activation``).
+        target: ``B x 1 x H x W`` labels in {0, 1}.
+    """
+    grid = F.adaptive_max_pool2d(target.float(), global_logits.shape[-2:])  # B x 1 x H x W -> B x 1 x h x w
+    return F.binary_cross_entropy_with_logits(global_logits.float(), grid)
+
+
 def segmentation_loss(
     logits: torch.Tensor,
     target: torch.Tensor,

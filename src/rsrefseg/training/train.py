@@ -27,7 +27,7 @@ from rsrefseg.data.datasets import collate_fn
 from rsrefseg.errors import RSRefSegError
 from rsrefseg.evaluation import evaluate
 from rsrefseg.training.data import AugmentedView, EpochBatchSampler
-from rsrefseg.training.losses import segmentation_loss
+from rsrefseg.training.losses import activation_loss, segmentation_loss
 from rsrefseg.training.schedule import make_schedule, make_scheduler, steps_per_epoch
 from rsrefseg.training.setup import (
     build_datasets,
@@ -63,14 +63,18 @@ class LossModule(torch.nn.Module):
     ``RSRefSegOutput``; the loss is computed inside the wrapped forward instead.
     """
 
-    def __init__(self, model: torch.nn.Module, bce_weight: float, dice_weight: float) -> None:
+    def __init__(self, model: torch.nn.Module, bce_weight: float, dice_weight: float,
+                 activation_weight: float = 0.0) -> None:
         super().__init__()
         self.model, self.bce_weight, self.dice_weight = model, bce_weight, dice_weight
+        self.activation_weight = activation_weight
 
     def forward(self, pixel_values: torch.Tensor, texts: list[str], target: torch.Tensor) -> torch.Tensor:
         """``B x 3 x S x S`` images in [0, 255], ``B`` expressions, ``B x 1 x S x S`` labels -> loss."""
         out = self.model(pixel_values, texts)
         loss, _ = segmentation_loss(out.mask_logits, target, self.bce_weight, self.dice_weight)
+        if self.activation_weight > 0:
+            loss = loss + self.activation_weight * activation_loss(out.global_activation, target)
         return loss
 
 
@@ -182,7 +186,8 @@ def _train(
     s = config.schedule
     schedule = make_schedule(s.epochs, steps_epoch, s.warmup_epochs, s.warmup_steps, s.start_factor, s.min_factor)
     scheduler = make_scheduler(optimizer, schedule)
-    model, optimizer = accelerator.prepare(LossModule(net, config.loss.bce_weight, config.loss.dice_weight), optimizer)
+    loss_module = LossModule(net, config.loss.bce_weight, config.loss.dice_weight, config.loss.activation_weight)
+    model, optimizer = accelerator.prepare(loss_module, optimizer)
     view = AugmentedView(train_ds, config.data.flip_h, config.data.flip_v)
 
     state = TrainerState()

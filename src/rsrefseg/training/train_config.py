@@ -118,6 +118,10 @@ class LossSection:
     bce_weight: float = 5.0
     # Weight of the soft Dice loss (paper: 0; the successor RSRefSeg 2 uses 5).
     dice_weight: float = 0.0
+    # Auxiliary BCE on the global text-activation map against the target on the CLIP patch grid
+    # (not in the paper, whose pretrained dual encoder is already aligned; training from scratch
+    # needs it, else the model learns to ignore the expression). 0 = off.
+    activation_weight: float = 0.0
 
 
 @dataclass
@@ -187,9 +191,9 @@ class TrainConfig:
              f"data.resize_mode must be stretch or longest_side, got {self.data.resize_mode!r}"),
             (0.0 <= self.data.flip_h <= 1.0 and 0.0 <= self.data.flip_v <= 1.0,
              "data.flip_h and data.flip_v must be probabilities in [0, 1]"),
-            (self.loss.bce_weight >= 0 and self.loss.dice_weight >= 0
+            (self.loss.bce_weight >= 0 and self.loss.dice_weight >= 0 and self.loss.activation_weight >= 0
              and self.loss.bce_weight + self.loss.dice_weight > 0,
-             "loss weights must be >= 0 and not both 0"),
+             "loss weights must be >= 0, and bce_weight and dice_weight not both 0"),
         ]
         for ok, message in checks:
             if not ok:
