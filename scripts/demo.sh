@@ -57,7 +57,7 @@ train_end=$(date +%s)
 stamp "4/5 evaluation of the best checkpoint on val, with baselines"
 "${RSREFSEG[@]}" eval --checkpoint "$DEMO/run/checkpoints/best" --data "$DEMO/data/val.jsonl" \
     --images "$NWPU/images" --out "$DEMO/eval" --baselines --train-data "$DEMO/data/train.jsonl" \
-    --cache-dir "$DEMO/run/cache" --batch-size 16 --overlays 6
+    --cache-dir "$DEMO/run/cache" --batch-size 16 --overlays 6 --swap-control
 
 stamp "5/5 one validation image, three expressions"
 # The validation image whose expressions name the most object classes; one expression per class.

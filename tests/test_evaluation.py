@@ -20,6 +20,7 @@ from rsrefseg.data.datasets import ReferringDataset, load_split
 from rsrefseg.data.transforms import logits_to_original
 from rsrefseg.evaluation import (
     EvalRow,
+    SwappedTextView,
     box_mask,
     evaluate,
     evaluate_baselines,
@@ -85,6 +86,18 @@ def test_evaluate_scores_at_original_resolution(data: dict[str, Path], micro_che
     assert model.training is False
 
 
+def test_swapped_text_view_keeps_targets_and_swaps_expressions(data: dict[str, Path]) -> None:
+    ds = load_split(data["val"], data["images"], image_size=64)
+    view = SwappedTextView(ds)
+    assert len(view) == len(ds)  # every synthetic image has two expressions with different targets
+    for position in (0, 3):
+        index, other = view.pairs[position]
+        item, original = view[position], ds[index]
+        assert ds.records[other].file_name == ds.records[index].file_name and other != index
+        assert item["text"] == ds.records[other].sent != original["text"]
+        assert np.array_equal(item["target"], original["target"]) and item["index"] == index
+
+
 def test_baselines_and_fixed_box(data: dict[str, Path]) -> None:
     train = load_split(data["train"], data["images"], image_size=64)
     val = load_split(data["val"], data["images"], image_size=64)
@@ -113,7 +126,7 @@ def test_baselines_and_fixed_box(data: dict[str, Path]) -> None:
 def test_eval_cli_one_and_two_processes_identical(data: dict[str, Path], micro_checkpoint: Path,
                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["eval", "--checkpoint", str(micro_checkpoint), "--data", str(data["val"]), "--images",
-            str(data["images"]), "--batch-size", "3", "--overlays", "2", "--baselines"]
+            str(data["images"]), "--batch-size", "3", "--overlays", "2", "--baselines", "--swap-control"]
     from rsrefseg.cli.main import main
 
     threads = torch.get_num_threads()
@@ -129,6 +142,7 @@ def test_eval_cli_one_and_two_processes_identical(data: dict[str, Path], micro_c
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert (m1.pop("num_processes"), m2.pop("num_processes")) == (1, 2)
+    assert m1["swap_control"]["swapped_expressions"]["n"] == 20
     assert m1 == m2 and m1["n"] == 20  # 7 batches over 2 processes: the padding batch is not counted
     assert 0.0 < m1["mIoU"] < 1.0
     rows1 = (tmp_path / "one" / "per_sample.csv").read_text()

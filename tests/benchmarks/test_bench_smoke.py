@@ -39,7 +39,7 @@ def test_smoke_report_structure(report: dict[str, Any], capsys: pytest.CaptureFi
         assert report["roofline"][dtype]["gflops"] > 0
     assert set(report["models"]) == {"tiny"}
     tiny = report["models"]["tiny"]
-    assert tiny["fast_sam_layers"] > 0
+    assert tiny["fast_sam_layers"] > 0 and tiny["fast_linear_layers"] > 0
     assert FLOPS <= set(tiny["flops"])
     for f in tiny["flops"].values():
         assert f["gflop"] > 0 and f["gflop"] >= f["gflop_stock_counter"] >= 0

@@ -1,4 +1,4 @@
-"""The fast SAM vision attention matches the Hugging Face modules (eager and SDPA) to 1e-4."""
+"""The fast SAM vision attention (and oneDNN linears) match the Hugging Face modules to 1e-4."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionEn
 
 from rsrefseg.modeling import fast_sam
 from rsrefseg.modeling.fast_sam import (
+    FastLinear,
     FastSamVisionAttention,
+    disable_fast_linear,
     disable_fast_sam,
+    enable_fast_linear,
     enable_fast_sam,
     rel_pos_table,
 )
@@ -149,4 +152,45 @@ def test_rsrefseg_tiny(tiny_model: Any) -> None:
         ref = model.encode_image(x).sam
         assert enable_fast_sam(model) == len(model.sam.vision_encoder.layers)
         out = model.encode_image(x).sam
+    assert (out - ref).abs().max().item() < TOL
+
+
+def test_fast_linear_matches_and_falls_back() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40)
+    ref = torch.nn.Linear(48, 40)
+    ref.load_state_dict(lin.state_dict())
+    no_bias = torch.nn.Sequential(torch.nn.Linear(48, 8, bias=False))
+    assert enable_fast_linear(lin) == 1 and enable_fast_linear(no_bias) == 1
+    assert type(lin) is FastLinear and list(lin.state_dict()) == ["weight", "bias"]
+    x = torch.randn(3, 5, 48)
+    with torch.no_grad():
+        assert (lin(x) - ref(x)).abs().max().item() < TOL
+        assert no_bias(x).shape == (3, 5, 8)
+        assert (lin.bfloat16()(x.bfloat16()).float() - ref(x)).abs().max().item() < 0.1
+    lin.float()
+    out = lin(x.requires_grad_())  # training: F.linear, gradients flow
+    out.sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+    assert disable_fast_linear(lin) == 1 and type(lin) is torch.nn.Linear
+
+
+def test_fast_linear_and_fast_sam_together_with_lora() -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    enc = make_encoder(small_config(3))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r".*attn\.qkv", lora_dropout=0.0)
+    inject_adapter_in_model(lora, enc)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    names = list(enc.state_dict())
+    x = images()
+    with torch.no_grad():
+        ref = enc(x).last_hidden_state
+        enable_fast_sam(enc)
+        assert enable_fast_linear(enc) > 0  # base layers of the LoRA qkv included
+        out = enc(x).last_hidden_state
+    assert list(enc.state_dict()) == names
     assert (out - ref).abs().max().item() < TOL

@@ -11,7 +11,7 @@ import torch
 
 from rsrefseg.errors import ConfigError
 from rsrefseg.training.data import EpochBatchSampler
-from rsrefseg.training.losses import dice_loss, segmentation_loss
+from rsrefseg.training.losses import activation_loss, dice_loss, segmentation_loss
 from rsrefseg.training.schedule import make_schedule
 from rsrefseg.training.train_config import (
     TrainConfig,
@@ -84,6 +84,12 @@ def test_losses() -> None:
     loss, parts = segmentation_loss(low, target, 5.0, 0.0)
     assert loss.item() == pytest.approx(5 * math.log(2), rel=1e-5) and "dice" not in parts
     assert dice_loss(torch.full((1, 1, 4, 4), -50.0), torch.zeros(1, 1, 4, 4)).item() < 1e-6
+    # Activation loss: a one-pixel object marks its whole patch of the 2 x 2 grid.
+    dot = torch.zeros(1, 1, 8, 8)
+    dot[0, 0, 1, 6] = 1
+    marked = torch.full((1, 1, 2, 2), -50.0)
+    marked[0, 0, 0, 1] = 50.0
+    assert activation_loss(marked, dot).item() < 1e-3 < activation_loss(-marked, dot).item()
 
 
 def test_sampler_is_seeded_resumable_and_sharded() -> None:

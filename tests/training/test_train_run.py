@@ -25,6 +25,7 @@ def test_train_writes_checkpoints_logs_and_report(synthetic: dict[str, Path], tm
     cfg = micro_config(synthetic, tmp_path / "run", checkpoint_every_steps=5, keep_last=2, tensorboard=True,
                        data__cache=True)
     cfg["model"]["overrides"]["finetune"] = "full"
+    cfg["loss"]["activation_weight"] = 1.0
     path = write_yaml(cfg, tmp_path / "c.yaml")
     code, out, err = _run_cli(capsys, "train", "--config", str(path), "--optim.lr", "2e-3")
     assert code == 0, err
@@ -48,6 +49,7 @@ def test_train_writes_checkpoints_logs_and_report(synthetic: dict[str, Path], tm
     metrics = json.loads((report / "metrics.json").read_text())
     assert len(metrics["history"]) == 2 and "baseline: empty mask" in metrics["rows"]
     assert any(k.startswith("baseline: best fixed box") for k in metrics["rows"])
+    assert "control: best, expression swapped within the image" in metrics["rows"]
     assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert "baseline: full image" in out
 

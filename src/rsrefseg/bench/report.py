@@ -27,6 +27,13 @@ def _f(x: Any, fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _roof_text(r: dict[str, float]) -> str:
+    text = f"{r['gflops_at_min']:.1f}/{r['gflops_at_median']:.1f}"
+    if "onednn_gflops_at_min" in r:
+        text += f", oneDNN {r['onednn_gflops_at_min']:.1f}/{r['onednn_gflops_at_median']:.1f}"
+    return text
+
+
 def _pct(x: float | None) -> float | None:
     return None if x is None else 100.0 * x
 
@@ -54,7 +61,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"load average start {meta['load_average_start']} end {meta.get('load_average_end')}; other processes "
         f"used {_f(_pct(meta.get('others_cpu_fraction')), '.0f')}% of the CPUs; contended: {meta.get('contended')}",
         "",
-        "matmul roofline (torch.mm, GFLOP/s at min / median)",
+        "matmul roofline (GFLOP/s at min / median; torch.mm, and the oneDNN linear the fast path uses)",
     ]
     roof = report["roofline"]
     for dtype, data in roof.items():
@@ -68,14 +75,12 @@ def format_table(report: dict[str, Any]) -> str:
                   f"reps {report['settings']['reps']} after 1 warm-up", head]
         rr, cont = m["roofline_in_rounds"], m["contention"]
         lines += _timing_rows(STAGES, m["stages"], width)
-        lines.append(f"  (fp32 roofline in these rounds {rr['stages_fp32']['gflops_at_min']:.1f}/"
-                     f"{rr['stages_fp32']['gflops_at_median']:.1f} GFLOP/s; other processes used "
+        lines.append(f"  (fp32 roofline in these rounds: torch.mm {_roof_text(rr['stages_fp32'])} GFLOP/s; other processes used "
                      f"{_f(_pct(cont['stages']['others_cpu_fraction']), '.0f')}% of the CPUs)")
         lines += _timing_rows(PIPELINE, m["pipeline"], width)
         bf = rr.get("pipelines_bf16")
-        lines.append(f"  (roofline in these rounds fp32 {rr['pipelines_fp32']['gflops_at_min']:.1f}/"
-                     f"{rr['pipelines_fp32']['gflops_at_median']:.1f}"
-                     + (f", bf16 {bf['gflops_at_min']:.1f}/{bf['gflops_at_median']:.1f}" if bf else "")
+        lines.append(f"  (rooflines in these rounds: fp32 torch.mm {_roof_text(rr['pipelines_fp32'])}"
+                     + (f"; bf16 torch.mm {_roof_text(bf)}" if bf else "")
                      + f" GFLOP/s; other processes used {_f(_pct(cont['pipelines']['others_cpu_fraction']), '.0f')}%)")
         r = m["pipeline"]["ratios"]
         lines.append(f"  ratios (min / median): first/further {r['first_over_further_batched_min']:.1f}/"
@@ -102,7 +107,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines += ["", f"targets ({targets['preset']}; value at min, median in brackets)"]
         for c in targets["checks"]:
             met = {True: "MET", False: "NOT MET", None: "n/a"}[c["met"]]
-            lines.append(f"  {c['name']:<64}{_f(c['value']):>8} ({_f(c.get('median'))}) {c['target']:>9}  {met}")
+            extra = f"  [vs best roofline {c['vs_best_roofline']:.3f}]" if c.get("vs_best_roofline") else ""
+            lines.append(f"  {c['name']:<64}{_f(c['value']):>8} ({_f(c.get('median'))}) {c['target']:>9}  {met}{extra}")
     issue = report.get("issue_check")
     if issue:
         lines += ["", "issue's starting point vs this run (stock FlopCounterMode excludes CPU attention)"]

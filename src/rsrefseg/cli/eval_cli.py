@@ -56,6 +56,12 @@ def _eval(args: argparse.Namespace) -> int:
     keep = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, num=n_overlays)}) if n_overlays else []
     result = evaluate(model, dataset, args.batch_size, accelerator, args.num_workers, strict=args.strict_pr,
                       progress=True, keep=keep, desc="eval")
+    control = None
+    if args.swap_control:
+        from rsrefseg.evaluation import SwappedTextView
+
+        control = evaluate(model, SwappedTextView(dataset), args.batch_size, accelerator, args.num_workers,
+                           strict=args.strict_pr, progress=True, desc="swapped")
     if not accelerator.is_main_process:
         return 0
     payload: dict[str, Any] = {"checkpoint": str(args.checkpoint), "data": str(args.data),
@@ -73,6 +79,14 @@ def _eval(args: argparse.Namespace) -> int:
         if "fixed_box" in baselines:
             table["baseline: best fixed box (fit on train)"] = baselines["fixed_box"]
         print("\n" + markdown_table(table))
+    if control is not None:
+        subset = {r.index for r in control.rows}
+        from rsrefseg.evaluation import summarize_rows
+
+        same = summarize_rows([r for r in result.rows if r.index in subset], strict=args.strict_pr)[0]
+        payload["swap_control"] = {"true_expressions": same, "swapped_expressions": control.metrics}
+        print("\n" + markdown_table({"true expressions (swappable samples)": same,
+                                     "expression swapped within the image": control.metrics}))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +121,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--train-images", default=None, help="image folder of --train-data (default: --images)")
     p.add_argument("--cache-dir", default=None,
                    help="pre-resized image cache (e.g. <work_dir>/cache of the training run): same numbers, faster")
+    p.add_argument("--swap-control", action="store_true",
+                   help="also score each sample with another expression of its image (does the model read the text?)")
     p.add_argument("--skip-bad", action="store_true", help="skip unusable records instead of failing")
     p.add_argument("--clip", default=None, help="replace the checkpoint's CLIP/SigLIP base id (local copy)")
     p.add_argument("--sam", default=None, help="replace the checkpoint's SAM base id (local copy)")

@@ -31,17 +31,17 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
 
 
 def activation_loss(global_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE between the global text-activation logits and the target marked on the CLIP patch grid.
+    """BCE + Dice between the global text-activation logits and the target on the CLIP patch grid.
 
     A patch counts as positive when any pixel of the target falls in it (max pooling), so small
-    objects still mark their patch.
+    objects still mark their patch; the Dice term keeps the map from settling on "all negative".
 
     Args:
         global_logits: ``B x 1 x h x w`` (``RSRefSegOutput.global_activation``).
         target: ``B x 1 x H x W`` labels in {0, 1}.
     """
     grid = F.adaptive_max_pool2d(target.float(), global_logits.shape[-2:])  # B x 1 x H x W -> B x 1 x h x w
-    return F.binary_cross_entropy_with_logits(global_logits.float(), grid)
+    return F.binary_cross_entropy_with_logits(global_logits.float(), grid) + dice_loss(global_logits, grid)
 
 
 def segmentation_loss(
