@@ -7,12 +7,12 @@ from typing import Any
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import sys
-
     from rsrefseg.bench.suite import run_suite
 
-    run_suite(args.preset, args.reps, args.out, args.smoke, args.threads, args.bf16, args.memory,
-              argv=["rsrefseg", *sys.argv[1:]])
+    # The command as parsed (sys.argv is another program's when called in-process, e.g. by tests).
+    command = ["rsrefseg", "bench", "--preset", str(args.preset), "--reps", str(args.reps), "--out", str(args.out)]
+    command += ["--smoke"] if args.smoke else []
+    run_suite(args.preset, args.reps, args.out, args.smoke, args.threads, args.bf16, args.memory, argv=command)
     return 0
 
 
