@@ -5,10 +5,11 @@
 #   1. `rsrefseg data from-coco`: NWPU VHR-10 COCO instances -> train/val referring JSONL
 #   2. `rsrefseg init-base tiny`: the tiny base as Hugging Face directories (the training loads
 #      them through the same code path as hub weights)
-#   3. `rsrefseg train --config configs/nwpu-tiny.yaml`: at most ~14 minutes of wall time
-#      (max_minutes stops cleanly: validation, checkpoint, report)
+#   3. `rsrefseg train --config configs/nwpu-tiny.yaml`: at most ~13.5 minutes of wall time
+#      (max_minutes 13 stops cleanly: validation, checkpoint, report)
 #   4. `rsrefseg eval` of the best checkpoint on val, next to the empty / full-image / best
-#      fixed-box baselines (box fitted on train)
+#      fixed-box baselines (box fitted on train), and a control with each expression swapped for
+#      another one of the same image (the model must score lower there if it reads the text)
 #   5. one validation image segmented for three expressions (overlay PNG)
 #
 # Needs no hub access. Environment: RSREFSEG_NWPU or RSREFSEG_DATA (where NWPU VHR-10 is),

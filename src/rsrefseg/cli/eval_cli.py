@@ -2,7 +2,9 @@
 
 Per-sample IoU at original resolution; prints the table (overall, per category, per rule) and
 writes ``metrics.json``, ``per_sample.csv`` and a few overlay PNGs. Several processes:
-``accelerate launch [--cpu] --num_processes N -m rsrefseg eval ...`` gives identical numbers.
+``accelerate launch --num_processes N -m rsrefseg eval ...`` (GPUs; on a CPU-only machine
+``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...``, since ``--cpu`` starts
+one process without MPI) gives numbers identical to a single process.
 """
 
 from __future__ import annotations

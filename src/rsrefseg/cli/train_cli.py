@@ -2,7 +2,9 @@
 
 Any config field can be overridden with a dotted option: ``--optim.lr 3e-4 --batch_size 4
 --model.overrides.finetune full``. Unknown keys are errors naming the key.
-Multi-GPU / multi-node: ``accelerate launch -m rsrefseg train --config C.yaml``.
+Multi-GPU / multi-node: ``accelerate launch -m rsrefseg train --config C.yaml``. Several CPU
+processes: ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m rsrefseg train
+...`` (``accelerate launch --cpu`` starts a single process unless MPI is configured).
 """
 
 from __future__ import annotations
