@@ -348,6 +348,7 @@ def build_app(
     max_queue: int = 32,
     max_expressions: int = DEFAULT_MAX_EXPRESSIONS,
     device: str | None = None,
+    precision: str = "fp32",
 ) -> gradio.Blocks:
     """Build the demo page (the model is loaded here, once, when given a checkpoint directory).
 
@@ -359,6 +360,7 @@ def build_app(
         max_queue: Requests allowed to wait (more are refused with "queue is full").
         max_expressions: Expressions accepted per run.
         device: Device for a checkpoint loaded here (``None``: CUDA when available).
+        precision: ``"fp32"`` or ``"bf16"`` for a checkpoint loaded here.
 
     Returns:
         The ``gradio.Blocks``, queue configured; call ``.launch()`` on it.
@@ -373,7 +375,7 @@ def build_app(
     if isinstance(predictor_or_checkpoint, Predictor):
         predictor = predictor_or_checkpoint
     else:
-        predictor = Predictor.from_pretrained(predictor_or_checkpoint, device=device)
+        predictor = Predictor.from_pretrained(predictor_or_checkpoint, device=device, precision=precision)
     service = DemoService(predictor, Limits(max_upload_mb, max_pixels, max_expressions))
     on_upload, on_run = make_handlers(service)
 

@@ -110,14 +110,14 @@ def test_every_input_kind(data_root, tiny_checkpoint, tmp_path, capsys):
 def test_nodata_is_never_in_masks_tiled_or_not(nodata_tif, tiny_checkpoint, tmp_path, capsys):
     with rasterio.open(nodata_tif) as src:
         valid = src.read_masks(1) > 0
-    for tiled in (False, True):
+    for tiled, precision in ((False, "fp32"), (True, "bf16")):
         out = tmp_path / f"tiled-{tiled}"
         extra = ["--tile-threshold", "1", "--tile", "96", "--overlap", "32"] if tiled else []  # 2 tiles
         code, _, _ = _run(capsys, str(nodata_tif), "--text", "fields", "--threshold=-1e9", *extra,
-                          "--checkpoint", str(tiny_checkpoint), "--out", str(out))
+                          "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--precision", precision)
         assert code == 0
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["images"][0]["tiled"] == tiled
+        assert summary["images"][0]["tiled"] == tiled and summary["settings"]["precision"] == precision
         mask = _mask_png(out / "nodata_scene" / "01_fields.mask.png") > 0
         np.testing.assert_array_equal(mask, valid)  # everything selected, except nodata
         record = summary["images"][0]["outputs"][0]

@@ -194,3 +194,20 @@ def test_fast_linear_and_fast_sam_together_with_lora() -> None:
         out = enc(x).last_hidden_state
     assert list(enc.state_dict()) == names
     assert (out - ref).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("budget", [1, 10**9])
+def test_bf16_math_path(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    """bf16 on the CPU without gradients uses baddbmm + softmax + bmm: close to the fp32 reference."""
+    enc = make_encoder(small_config(3))
+    x = images()
+    with torch.no_grad():
+        ref = enc(x).last_hidden_state
+        enable_fast_sam(enc)
+        enc.bfloat16()
+        monkeypatch.setattr(fast_sam, "MATH_BLOCK_BYTES", budget)
+        out = enc(x.bfloat16()).last_hidden_state.float()
+        enc.float()
+        hf = enc(x).last_hidden_state  # still the fast path, fp32: the SDPA kernel
+    assert (hf - ref).abs().max().item() < TOL
+    assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item()

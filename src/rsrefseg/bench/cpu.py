@@ -2,8 +2,8 @@
 
 Every variant is timed in rounds (each round runs every variant once), so slow drifts of a shared
 machine hit all of them alike and their ratios are side by side. The optimised inference path is
-the library's: ``merge_lora()`` + :func:`rsrefseg.modeling.fast_sam.enable_fast_sam`; the
-reference SAM encoder is the same model with the Hugging Face attention put back.
+the library's :func:`rsrefseg.modeling.optimize.optimize_for_inference`; the reference SAM encoder
+is the same model with the Hugging Face attention put back.
 """
 
 from __future__ import annotations
@@ -102,20 +102,20 @@ def _roof(timings: dict[str, Any], name: str, gflop: float) -> dict[str, float]:
 def build_fast(preset: str) -> tuple[Any, dict[str, Any]]:
     """The preset at seeded random init (FLOP-identical to the trained model), optimised for inference.
 
-    LoRA merged, fast SAM attention, oneDNN linears (:mod:`rsrefseg.modeling.fast_sam`).
+    :func:`rsrefseg.modeling.optimize.optimize_for_inference` in fp32: LoRA merged, fast SAM
+    attention, oneDNN linears, CLIP/SigLIP attention that is fast in bf16.
     """
-    from rsrefseg.modeling.fast_sam import enable_fast_linear, enable_fast_sam
+    from rsrefseg.modeling.optimize import optimize_for_inference
     from rsrefseg.modeling.rsrefseg import RSRefSeg
 
     start = time.perf_counter()
     model = RSRefSeg.from_preset(preset, random_init=True)
     build_s = time.perf_counter() - start
-    model.merge_lora()
-    patched = enable_fast_sam(model)
-    linears = enable_fast_linear(model)
-    model.eval()
+    done = optimize_for_inference(model, "fp32")
     params = sum(p.numel() for p in model.parameters())
-    return model, {"build_s": build_s, "fast_sam_layers": patched, "fast_linear_layers": linears, "parameters": params}
+    return model, {"build_s": build_s, "fast_sam_layers": done["fast_sam_layers"],
+                   "fast_linear_layers": done["fast_linear_layers"],
+                   "fast_attention_models": done["fast_attention_models"], "parameters": params}
 
 
 def _agreement(a: Any, b: Any) -> dict[str, float]:

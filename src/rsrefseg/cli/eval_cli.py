@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from rsrefseg.cli.args import PRECISION_NAMES
+
 
 def _dataset(jsonl: str, images: str, split: str | None, size: int, mode: str, skip_bad: bool,
              keys: tuple[str, str] = ("--data", "--images")) -> Any:
@@ -42,11 +44,13 @@ def _eval(args: argparse.Namespace) -> int:
     from rsrefseg.checkpoint import load_checkpoint
     from rsrefseg.evaluation import evaluate, evaluate_baselines
     from rsrefseg.metrics import format_table
+    from rsrefseg.modeling.optimize import optimize_for_inference
     from rsrefseg.training.report import markdown_table, save_overlay
     from rsrefseg.utils import atomic_write_json
 
     accelerator = Accelerator()
     model = load_checkpoint(args.checkpoint, clip=args.clip, sam=args.sam).to(accelerator.device)
+    optimize_for_inference(model, args.precision)  # LoRA merged, fast kernels; bf16 on request
     mode = args.resize_mode or model.config.resize_mode
     dataset = _dataset(args.data, args.images, args.split, model.config.sam_image_size, mode, args.skip_bad)
     if args.cache_dir:
@@ -66,7 +70,7 @@ def _eval(args: argparse.Namespace) -> int:
                            strict=args.strict_pr, progress=True, desc="swapped")
     if not accelerator.is_main_process:
         return 0
-    payload: dict[str, Any] = {"checkpoint": str(args.checkpoint), "data": str(args.data),
+    payload: dict[str, Any] = {"checkpoint": str(args.checkpoint), "precision": args.precision, "data": str(args.data),
                                "num_processes": accelerator.num_processes, **result.metrics}
     print(format_table(result.metrics))
     if args.baselines or args.train_data:
@@ -128,4 +132,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unusable records instead of failing")
     p.add_argument("--clip", default=None, help="replace the checkpoint's CLIP/SigLIP base id (local copy)")
     p.add_argument("--sam", default=None, help="replace the checkpoint's SAM base id (local copy)")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
+                   help="fp32 (default) or bf16 weights and activations for the evaluated model")
     p.set_defaults(func=_eval)

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rsrefseg.cli.args import add_model_args, parse_pixels
 from rsrefseg.errors import ConfigError, DataError, RSRefSegError
 
 #: Same value as ``rsrefseg.inference.scene.DEFAULT_TILE_THRESHOLD`` (kept here so that
@@ -46,17 +47,6 @@ def _parse_bands(text: str) -> tuple[int, ...]:
     if len(bands) not in (1, 3) or min(bands) < 1:
         raise argparse.ArgumentTypeError(f"bands must name 1 or 3 bands (1-based), got {text!r}")
     return bands
-
-
-def _parse_pixels(text: str) -> int:
-    """``N`` pixels or ``HxW``."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a pixel count N or HxW, got {text!r}") from None
-    if len(parts) > 2 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive pixel count N or HxW, got {text!r}")
-    return math.prod(parts)
 
 
 def collect_expressions(texts: list[str], texts_file: str | None) -> list[str]:
@@ -227,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     state = _dist_state()
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     device = args.device or (state.device if state is not None else None)
-    predictor = Predictor.from_pretrained(args.checkpoint, device=device)
+    predictor = Predictor.from_pretrained(args.checkpoint, device=device, precision=args.precision)
     names = expression_names(expressions)
     folders = image_dir_names(inputs)
     config = predictor.model.config
@@ -238,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
                      "overlap": args.overlap if args.overlap is not None else (args.tile or config.sam_image_size) // 8,
                      "threshold": args.threshold, "batch_size": args.batch_size,
                      "simplify_px": args.simplify, "min_area_px": args.min_area, "resize_mode": config.resize_mode,
-                     "device": str(predictor.device), "overlay_max_side": args.overlay_max_side},
+                     "device": str(predictor.device), "precision": args.precision, "overlay_max_side": args.overlay_max_side},
         "world_size": world, "rank": rank, "inputs": len(inputs),
         "rss_after_model_mb": round(peak_rss_mb(), 1), "images": [], "failures": [],
     }
@@ -289,10 +279,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or glob patterns")
     p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a referring expression (repeatable)")
     p.add_argument("--texts-file", metavar="F", help="one expression per line (blank lines and # comments skipped)")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="trained checkpoint directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--bands", type=_parse_bands, metavar="R,G,B", help="1-based source bands, e.g. 4,3,2 (or one band)")
-    p.add_argument("--tile-threshold", type=_parse_pixels, default=DEFAULT_TILE_THRESHOLD, metavar="N",
+    p.add_argument("--tile-threshold", type=parse_pixels, default=DEFAULT_TILE_THRESHOLD, metavar="N",
                    help="tile images with more pixels than N (or HxW); default 2048x2048")
     p.add_argument("--tile", type=int, metavar="PX", help="tile side at native resolution (default: model input size)")
     p.add_argument("--overlap", type=int, metavar="PX", help="tile overlap (default: tile/8)")
@@ -301,7 +290,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--min-area", type=float, default=0.0, metavar="A", help="drop polygons smaller than A pixels")
     p.add_argument("--threshold", type=float, default=0.0, help="mask logit threshold (0 = probability 0.5; write negative values as --threshold=-1)")
     p.add_argument("--batch-size", type=int, default=16, help="expressions decoded together")
-    p.add_argument("--device", help="torch device (default: the accelerate device, else CUDA if available)")
+    add_model_args(p, "torch device (default: the accelerate device, else CUDA if available)")
     p.add_argument("--overlay-max-side", type=int, default=2048, metavar="PX",
                    help="longest side of overlay PNGs (larger images get a downscaled preview)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

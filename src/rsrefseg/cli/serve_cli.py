@@ -17,31 +17,8 @@ import threading
 from typing import Any
 
 from rsrefseg.app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB
+from rsrefseg.cli.args import add_model_args, parse_pixels, positive
 from rsrefseg.errors import ConfigError
-
-
-def _parse_pixels(text: str) -> int:
-    """``N`` pixels or ``HxW``."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a pixel count N or HxW, got {text!r}") from None
-    if len(parts) > 2 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive pixel count N or HxW, got {text!r}")
-    return math.prod(parts)
-
-
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
-
-    return parse
 
 
 def _port(text: str) -> int:
@@ -75,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         max_queue=args.max_queue,
         device=args.device,
+        precision=args.precision,
     )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
@@ -101,16 +79,15 @@ def add_parser(subparsers: Any) -> None:
         "serve", help="web demo: upload an image, type expressions, see and download masks (Gradio)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="trained checkpoint directory")
+    add_model_args(p, "torch device (default: CUDA when available, else CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
-    p.add_argument("--max-upload-mb", type=_positive(float), default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
+    p.add_argument("--max-upload-mb", type=positive(float), default=DEFAULT_MAX_UPLOAD_MB, metavar="MB",
                    help=f"largest accepted upload in MB of 2**20 bytes (default {DEFAULT_MAX_UPLOAD_MB:g})")
-    p.add_argument("--max-pixels", type=_parse_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
+    p.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="largest accepted image, as a pixel count N or HxW (default 4096x4096)")
-    p.add_argument("--concurrency", type=_positive(int), default=1,
+    p.add_argument("--concurrency", type=positive(int), default=1,
                    help="requests processed at once; others wait in the queue (default 1)")
-    p.add_argument("--max-queue", type=_positive(int), default=32, metavar="N",
+    p.add_argument("--max-queue", type=positive(int), default=32, metavar="N",
                    help="requests allowed to wait; more are refused (default 32)")
-    p.add_argument("--device", help="torch device (default: CUDA when available, else CPU)")
     p.set_defaults(func=run)

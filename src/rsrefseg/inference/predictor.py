@@ -163,13 +163,33 @@ class Predictor:
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint: str | os.PathLike[str], device: str | torch.device | None = None, **kwargs: Any
+        cls,
+        checkpoint: str | os.PathLike[str],
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        optimize: bool = True,
+        **kwargs: Any,
     ) -> Predictor:
-        """Load a checkpoint directory (see :mod:`rsrefseg.checkpoint`); ``device=None`` picks CUDA
-        when available. Extra keyword arguments (``clip=``, ``sam=``) go to ``load_checkpoint``."""
-        from rsrefseg.checkpoint import load_checkpoint
+        """Load a checkpoint directory (see :mod:`rsrefseg.checkpoint`) for inference.
 
+        Args:
+            checkpoint: Checkpoint folder (``config.json`` + ``model.safetensors``).
+            device: Torch device; ``None`` picks CUDA when available.
+            precision: ``"fp32"`` (default) or ``"bf16"`` weights and activations.
+            optimize: Merge LoRA and use the fast kernels
+                (:func:`rsrefseg.modeling.optimize.optimize_for_inference`); ``False`` keeps the
+                model as trained (only ``"fp32"`` then).
+            **kwargs: ``clip=``, ``sam=`` for ``load_checkpoint``.
+        """
+        from rsrefseg.checkpoint import load_checkpoint
+        from rsrefseg.modeling.optimize import optimize_for_inference, parse_precision
+
+        parse_precision(precision)
+        if not optimize and precision != "fp32":
+            raise ConfigError(f"precision {precision!r} needs optimize=True")
         model = load_checkpoint(checkpoint, device=_resolve_device(device), **kwargs)
+        if optimize:
+            optimize_for_inference(model, precision)
         return cls(model)
 
     # ------------------------------------------------------------------ state

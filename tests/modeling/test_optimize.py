@@ -1,0 +1,55 @@
+"""optimize_for_inference: fp32 within 1e-4 of the model as trained; bf16 close; precision names."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tests.conftest import tiny_images
+
+from rsrefseg.cli.args import PRECISION_NAMES
+from rsrefseg.errors import ConfigError
+from rsrefseg.modeling.fast_sam import FastLinear, FastSamVisionAttention
+from rsrefseg.modeling.optimize import PRECISIONS, optimize_for_inference, parse_precision
+from rsrefseg.modeling.rsrefseg import RSRefSeg
+
+TEXTS = ["the storage tank on the far left", "the largest airplane"]
+
+
+def test_precision_names() -> None:
+    assert tuple(PRECISIONS) == PRECISION_NAMES
+    assert parse_precision("bf16") is torch.bfloat16
+    with pytest.raises(ConfigError, match="fp32, bf16"):
+        parse_precision("fp16x")
+
+
+def _sharpened(model: RSRefSeg) -> RSRefSeg:
+    """Scale the random decoder's mask output so that logits are O(0.1), not O(1e-4)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "output_hypernetworks_mlps" in name and ".proj_out." in name:
+                param.mul_(1000.0)
+    return model.eval()
+
+
+def test_fp32_matches_and_bf16_agrees(tiny_model: RSRefSeg) -> None:
+    model = _sharpened(tiny_model)
+    images = tiny_images(2, size=model.image_size)
+    with torch.inference_mode():
+        ref = model(images, TEXTS).mask_logits
+    tokenizer = model.clip.tokenizer
+    fast = copy.deepcopy(model, memo={id(tokenizer): tokenizer})
+    info = optimize_for_inference(fast, "fp32")
+    assert info["fast_sam_layers"] > 0 and info["fast_linear_layers"] > 0 and info["fast_attention_models"] == 1
+    assert any(isinstance(m, FastSamVisionAttention) for m in fast.modules())
+    assert any(isinstance(m, FastLinear) for m in fast.modules())
+    assert not any("lora_" in name for name, _ in fast.named_parameters())  # merged
+    with torch.inference_mode():
+        out = fast(images, TEXTS).mask_logits
+        assert (out - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+        optimize_for_inference(fast, "bf16")  # again, now in bf16 (idempotent swaps)
+        assert next(fast.parameters()).dtype is torch.bfloat16
+        low = fast(images, TEXTS).mask_logits.float()
+    a, b = low > 0, ref > 0
+    assert (a & b).sum().item() / max(1, (a | b).sum().item()) > 0.9
