@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - set up .venv, generate the NWPU referring set, train tiny on CPU (<=15 min), evaluate, predict"
 	@echo "make test   - set up .venv and run ruff + the test suite"
-	@echo "make bench  - benchmark suite (writes bench.json)"
+	@echo "make bench  - benchmark suite (writes bench.json; with the bf16 agreement check after make demo)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,19 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	bash scripts/demo.sh
 
+# With the demo's trained checkpoint (after `make demo`), also compare its bf16 and fp32 masks on NWPU val.
+DEMO_DIR ?= work_dirs/nwpu-demo
+DEMO_CKPT := $(DEMO_DIR)/run/checkpoints/best
+
 bench: $(STAMP)
-	$(BIN)/rsrefseg bench --out bench.json
+	@if [ -f "$(DEMO_CKPT)/config.json" ]; then \
+		images="$$($(BIN)/python -c 'from rsrefseg.paths import nwpu_root; print(nwpu_root() / "images")')"; \
+		set -x; $(BIN)/rsrefseg bench --out bench.json --agreement "$(DEMO_CKPT)" \
+			--agreement-data "$(DEMO_DIR)/data/val.jsonl" --agreement-images "$$images"; \
+	else \
+		echo "(no $(DEMO_CKPT): run make demo first to include the bf16 agreement check)"; \
+		set -x; $(BIN)/rsrefseg bench --out bench.json; \
+	fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

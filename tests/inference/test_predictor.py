@@ -150,7 +150,8 @@ def test_from_pretrained_precisions_agree(tiny_checkpoint):
     ref = plain.predict(texts)
     for precision in ("fp32", "bf16"):
         predictor = Predictor.from_pretrained(tiny_checkpoint, device="cpu", precision=precision)
-        assert next(predictor.model.parameters()).dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        encoder = next(predictor.model.sam.vision_encoder.parameters())
+        assert encoder.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
         predictor.set_image(image)
         for p, r in zip(predictor.predict(texts), ref, strict=True):
             assert p.logits.dtype == np.float32 and p.mask.shape == (200, 300)

@@ -49,7 +49,9 @@ def test_fp32_matches_and_bf16_agrees(tiny_model: RSRefSeg) -> None:
         out = fast(images, TEXTS).mask_logits
         assert (out - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
         optimize_for_inference(fast, "bf16")  # again, now in bf16 (idempotent swaps)
-        assert next(fast.parameters()).dtype is torch.bfloat16
+        assert next(fast.sam.vision_encoder.parameters()).dtype is torch.bfloat16
+        assert next(fast.clip.model.vision_model.parameters()).dtype is torch.bfloat16
+        assert fast.head_dtype is torch.float32 and fast.clip.model.logit_scale.dtype is torch.float32
         low = fast(images, TEXTS).mask_logits.float()
     a, b = low > 0, ref > 0
     assert (a & b).sum().item() / max(1, (a | b).sum().item()) > 0.9

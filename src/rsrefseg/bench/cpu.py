@@ -221,7 +221,9 @@ def bench_model(
 def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, naive: Callable[[], Any], reps: int,
                g: dict[str, float], further_gflop: float, bf16: bool, probe_size: int, result: dict[str, Any],
                log: Callable[[str], None]) -> dict[str, Any]:
-    """First / further / naive expressions (+ bf16 weights), side by side."""
+    """First / further / naive expressions (+ the bf16 path), side by side."""
+    from rsrefseg.modeling.optimize import optimize_for_inference
+
     index = torch.zeros(len(texts), dtype=torch.long)
     mm32, g32 = matmul_probe(probe_size, torch.float32)
     dnn32, _ = matmul_probe(probe_size, torch.float32, onednn=True)
@@ -236,7 +238,8 @@ def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, na
     bf16_model = None
     if bf16:
         tokenizer = model.clip.tokenizer  # shared: tokenizers need not (and some cannot) be copied
-        bf16_model = copy.deepcopy(model, memo={id(tokenizer): tokenizer}).to(torch.bfloat16)
+        bf16_model = copy.deepcopy(model, memo={id(tokenizer): tokenizer})
+        optimize_for_inference(bf16_model, "bf16")  # the library's bf16 path: encoders bf16, head fp32
         feats16 = bf16_model.encode_image(image)
         fns["bf16_first_expression"] = lambda: bf16_model.decode(
             bf16_model.encode_image(image), bf16_model.encode_text(texts[:1]))

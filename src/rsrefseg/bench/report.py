@@ -18,8 +18,8 @@ PIPELINE = [
     ("further_expression_batched_per_expression", "further expression, cached, batched"),
     ("further_expression_single", "further expression, cached, alone"),
     ("naive_per_expression", "naive: re-encode image per expression"),
-    ("bf16_first_expression", "bf16 weights: first expression"),
-    ("bf16_further_expression_batched_per_expression", "bf16 weights: further, batched"),
+    ("bf16_first_expression", "bf16 path: first expression"),
+    ("bf16_further_expression_batched_per_expression", "bf16 path: further, batched"),
 ]
 
 
@@ -90,7 +90,7 @@ def format_table(report: dict[str, Any]) -> str:
         if "bf16_speedup_first_min" in r:
             agree = m["pipeline"]["bf16_agreement"]
             lines.append(f"  bf16 speed-up first {r['bf16_speedup_first_min']:.2f}/{r['bf16_speedup_first_median']:.2f}x, "
-                         f"further batched {r['bf16_speedup_further_batched_min']:.2f}x; mask IoU vs fp32 "
+                         f"further batched {r['bf16_speedup_further_batched_min']:.2f}x; mask IoU vs fp32 (random weights) "
                          f"{agree['mask_iou']:.3f}")
         mem = m.get("memory")
         if mem and "error" not in mem:
@@ -109,6 +109,16 @@ def format_table(report: dict[str, Any]) -> str:
             met = {True: "MET", False: "NOT MET", None: "n/a"}[c["met"]]
             extra = f"  [vs best roofline {c['vs_best_roofline']:.3f}]" if c.get("vs_best_roofline") else ""
             lines.append(f"  {c['name']:<64}{_f(c['value']):>8} ({_f(c.get('median'))}) {c['target']:>9}  {met}{extra}")
+    agreement = report.get("agreement")
+    if agreement:
+        a = agreement["agreement"]
+        lines += ["", f"bf16 vs fp32 on {agreement['n']} samples of {agreement['data']} ({agreement['checkpoint']}):",
+                  f"  mask IoU mean {a['mean_iou']:.4f}, overall {a['overall_iou']:.4f}, min {a['min_iou']:.3f}, "
+                  f"5th percentile {a['p05_iou']:.3f}; {100 * a['share_at_least_target']:.0f}% of samples >= 0.98; "
+                  f"identical masks {a['identical_masks']}",
+                  f"  vs ground truth: fp32 mIoU {100 * agreement['fp32']['mIoU']:.2f} oIoU {100 * agreement['fp32']['oIoU']:.2f}"
+                  f" ({agreement['fp32']['seconds']:.1f} s), bf16 mIoU {100 * agreement['bf16']['mIoU']:.2f} oIoU "
+                  f"{100 * agreement['bf16']['oIoU']:.2f} ({agreement['bf16']['seconds']:.1f} s)"]
     issue = report.get("issue_check")
     if issue:
         lines += ["", "issue's starting point vs this run (stock FlopCounterMode excludes CPU attention)"]

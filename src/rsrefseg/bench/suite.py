@@ -30,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny only, 1 repetition, 1 thread unless --threads (CI: structure, not speed)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 CPU path")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocess")
+    parser.add_argument("--agreement", metavar="CKPT", default=None,
+                        help="trained checkpoint: evaluate it in fp32 and bf16 on --agreement-data and compare the masks "
+                             "(the issue: the tiny demo model on NWPU val, IoU >= 0.98)")
+    parser.add_argument("--agreement-data", metavar="JSONL", default=None, help="records for --agreement (e.g. the demo's val.jsonl)")
+    parser.add_argument("--agreement-images", metavar="DIR", default=None, help="image folder of --agreement-data")
 
 
 def _check(name: str, value: float | None, target: float, higher_is_better: bool, **extra: Any) -> dict[str, Any]:
@@ -56,6 +61,15 @@ def evaluate_targets(model: dict[str, Any]) -> list[dict[str, Any]]:
                2.0, True, median=ratios.get("bf16_speedup_first_median")),
         _check("peak resident memory / (weights + one image's activations)", mem.get("ratio"), 1.3, False),
     ]
+
+
+def agreement_check(agreement: dict[str, Any]) -> dict[str, Any]:
+    """The bf16 agreement target from :func:`rsrefseg.bench.agreement.precision_agreement`."""
+    from rsrefseg.bench.agreement import AGREEMENT_TARGET
+
+    a = agreement["agreement"]
+    return _check("bf16 vs fp32 masks of a trained checkpoint: mean IoU per sample", a["mean_iou"], AGREEMENT_TARGET,
+                  True, median=None, overall=a["overall_iou"], n=a["n"])
 
 
 def issue_check(roof: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
@@ -87,10 +101,12 @@ def run_suite(
     memory: bool = True,
     argv: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    agreement: tuple[str, str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the suite and return the report (also written to ``out`` and printed as a table).
 
     The torch thread count is restored afterwards (``threads`` only applies to this run).
+    ``agreement``: ``(checkpoint, jsonl, images)`` of a trained model to compare bf16 and fp32 masks on.
     """
     previous_threads = torch.get_num_threads()
     if smoke:
@@ -101,13 +117,14 @@ def run_suite(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(preset, reps, out, smoke, bf16, memory, threads, argv, log)
+        return _run(preset, reps, out, smoke, bf16, memory, threads, argv, log, agreement)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool, memory: bool,
-         threads: int | None, argv: Sequence[str] | None, log: Callable[[str], None]) -> dict[str, Any]:
+         threads: int | None, argv: Sequence[str] | None, log: Callable[[str], None],
+         agreement: tuple[str, str, str] | None = None) -> dict[str, Any]:
     from rsrefseg.bench.cpu import bench_model
     from rsrefseg.bench.gpu import NO_GPU, bench_gpu
     from rsrefseg.bench.memory import measure_memory
@@ -139,6 +156,11 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
         report["models"][name] = result
     main = presets[0]
     report["targets"] = {"preset": main, "checks": evaluate_targets(report["models"][main])}
+    if agreement is not None:
+        from rsrefseg.bench.agreement import precision_agreement
+
+        report["agreement"] = precision_agreement(*agreement, precision="bf16", log=log)
+        report["targets"]["checks"].append(agreement_check(report["agreement"]))
     if main == "rsrefseg-b":
         report["issue_check"] = issue_check(roof, report["models"][main])
     if smoke:
@@ -161,5 +183,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     run_suite(args.preset, args.reps, args.out, args.smoke, args.threads, args.bf16, args.memory,
-              argv=["bench", *(argv if argv is not None else sys.argv[1:])])
+              argv=["bench", *(argv if argv is not None else sys.argv[1:])], agreement=agreement_args(args))
     return 0
+
+
+def agreement_args(args: argparse.Namespace) -> tuple[str, str, str] | None:
+    """``(checkpoint, jsonl, images)`` from ``--agreement*``, or None; a ConfigError if incomplete."""
+    from rsrefseg.errors import ConfigError
+
+    given = (args.agreement, args.agreement_data, args.agreement_images)
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfigError("--agreement needs --agreement-data and --agreement-images too")
+    return (str(args.agreement), str(args.agreement_data), str(args.agreement_images))

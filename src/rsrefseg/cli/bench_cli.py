@@ -7,12 +7,16 @@ from typing import Any
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from rsrefseg.bench.suite import run_suite
+    from rsrefseg.bench.suite import agreement_args, run_suite
 
+    agreement = agreement_args(args)
     # The command as parsed (sys.argv is another program's when called in-process, e.g. by tests).
     command = ["rsrefseg", "bench", "--preset", str(args.preset), "--reps", str(args.reps), "--out", str(args.out)]
     command += ["--smoke"] if args.smoke else []
-    run_suite(args.preset, args.reps, args.out, args.smoke, args.threads, args.bf16, args.memory, argv=command)
+    if agreement is not None:
+        command += ["--agreement", agreement[0], "--agreement-data", agreement[1], "--agreement-images", agreement[2]]
+    run_suite(args.preset, args.reps, args.out, args.smoke, args.threads, args.bf16, args.memory, argv=command,
+              agreement=agreement)
     return 0
 
 

@@ -77,8 +77,8 @@ class DualEncoder(nn.Module):
         Returns:
             ``B x D x h x w`` with ``h = w = image_size // patch_size``.
         """
-        x = self.preprocess_image(pixel_values).to(self.model.dtype)
         vision = self.model.vision_model
+        x = self.preprocess_image(pixel_values).to(next(vision.parameters()).dtype)
         if self.family == "siglip":
             # last_hidden_state already has post_layernorm applied: B x N x D, N = h * w.
             tokens = vision(pixel_values=x).last_hidden_state

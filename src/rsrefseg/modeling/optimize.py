@@ -8,9 +8,10 @@
   CPU inference;
 - :func:`rsrefseg.modeling.fast_attention.enable_fast_attention`: CLIP/SigLIP attention that is
   fast in bf16 on the CPU;
-- ``precision="bf16"``: every weight in bfloat16 (about 2x the matmul throughput on CPUs with
-  AVX-512 BF16 or AMX, half the memory). Off by default: see the README for measured speed and
-  mask agreement.
+- ``precision="bf16"``: the SAM image encoder and the CLIP/SigLIP towers in bfloat16 (about 2x
+  the matmul throughput on CPUs with AVX-512 BF16 or AMX, half their memory); the light head stays
+  fp32 (:func:`cast_encoders`). Off by default: see the README for measured speed and mask
+  agreement.
 
 All of it is in place and for inference only (the merged model can no longer be trained as LoRA).
 """
@@ -61,6 +62,36 @@ def optimize_for_inference(model: nn.Module, precision: str = "fp32") -> dict[st
         "fast_attention_models": enable_fast_attention(model),
     }
     if dtype != torch.float32:
-        model.to(dtype)
+        info["cast"] = cast_encoders(model, dtype)
     model.eval()
     return info
+
+
+def cast_encoders(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Cast the heavy encoders to ``dtype``, keep the light head (and the logit scale/bias) as they are.
+
+    The SAM image encoder and the CLIP/SigLIP towers are > 99 % of the FLOPs; the activation,
+    prompter, SAM prompt encoder and mask decoder (~6 GFLOP per expression for ``rsrefseg-b``)
+    stay in fp32, which is where bf16 rounding would flip the most mask pixels (the decoder turns
+    near-zero logits into masks). ``RSRefSeg.encode_image``/``encode_text`` cast features to the
+    head's dtype. Returns the names of the cast modules.
+    """
+    from transformers import CLIPModel, SiglipModel
+    from transformers.models.sam.modeling_sam import SamVisionEncoder
+
+    cast: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(done + ".") for done in cast):
+            continue
+        if isinstance(module, SamVisionEncoder):
+            module.to(dtype)
+            cast.append(name)
+        elif isinstance(module, (CLIPModel, SiglipModel)):
+            for child_name, child in module.named_children():  # towers and projections, not logit_scale/bias
+                child.to(dtype)
+                cast.append(f"{name}.{child_name}")
+            cast.append(name)
+    if not cast:  # some other module: cast it whole
+        model.to(dtype)
+        cast.append("")
+    return cast

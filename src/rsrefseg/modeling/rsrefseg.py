@@ -120,16 +120,25 @@ class RSRefSeg(nn.Module):
         size = (self.image_size, self.image_size)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        sam_in = ((x - self.sam_mean) / self.sam_std).to(self.sam.dtype)
-        sam_embeddings = self.sam.vision_encoder(sam_in).last_hidden_state  # B x C x g x g
-        clip_patches = self.clip.encode_image(pixel_values)  # B x D x h x w
+        encoder = self.sam.vision_encoder
+        sam_in = ((x - self.sam_mean) / self.sam_std).to(next(encoder.parameters()).dtype)
+        # Features in the dtype of the head (prompter + decoder), which may differ from the
+        # encoders' (bf16 encoders with an fp32 head: rsrefseg.modeling.optimize).
+        dtype = self.head_dtype
+        sam_embeddings = encoder(sam_in).last_hidden_state.to(dtype)  # B x C x g x g
+        clip_patches = self.clip.encode_image(pixel_values).to(dtype)  # B x D x h x w
         return ImageFeatures(sam=sam_embeddings, clip=clip_patches)
 
     def encode_text(self, texts: list[str]) -> TextFeatures:
         """Tokenise (fixed length) and encode ``T`` expressions."""
         enc = self.clip.tokenize(texts, device=self.device)
         tokens, mask, pooled = self.clip.encode_text(enc["input_ids"], enc["attention_mask"])
-        return TextFeatures(tokens=tokens, mask=mask, pooled=pooled)
+        return TextFeatures(tokens=tokens.to(self.head_dtype), mask=mask, pooled=pooled.to(self.head_dtype))
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        """dtype of the prompter and SAM decoder side (image and text features are cast to it)."""
+        return self.prompter.output_proj.weight.dtype
 
     def decode(
         self,
