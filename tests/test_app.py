@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rsrefseg.app import DemoService, Limits, check_upload, heatmap_image, parse_expressions
+from rsrefseg.app import DemoService, Limits, check_upload, parse_expressions
 from rsrefseg.errors import ConfigError, DataError
+from rsrefseg.inference.outputs import heatmap_image
 
 
 def _png(path: Path, height: int, width: int, seed: int = 0) -> Path:

@@ -62,7 +62,8 @@ def test_shard_batches_keep_the_single_process_batches(n: int, bs: int) -> None:
 
 
 def test_summarize_rows_deduplicates_and_orders() -> None:
-    a, b = EvalRow(0, "a", "t", 1, 2, 1, 2), EvalRow(1, "b", "t", 0, 4, 4, 0)
+    a = EvalRow("a", 1, 2, 1, 2, index=0, text="t")
+    b = EvalRow("b", 0, 4, 4, 0, index=1, text="t")
     metrics, rows = summarize_rows([b, a, b])
     assert [r.index for r in rows] == [0, 1] and metrics["n"] == 2
     assert metrics["mIoU"] == pytest.approx(0.25) and metrics["oIoU"] == pytest.approx(1 / 6)

@@ -41,10 +41,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from rsrefseg.inference.geo import GeoReference
-    from rsrefseg.inference.predictor import Prediction, Predictor
+    from rsrefseg.inference.predictor import Predictor
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_MB", "DemoResult", "DemoService", "Limits", "build_app",
-           "check_upload", "heatmap_image", "make_handlers", "parse_expressions"]
+           "check_upload", "make_handlers", "parse_expressions"]
 
 log = logging.getLogger(__name__)
 
@@ -149,19 +149,6 @@ def _preview(rgb: np.ndarray) -> np.ndarray:
         return rgb
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
-
-
-def heatmap_image(preview: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """Blend the ``H x W`` [0, 1] ``heat`` (resized to the preview) in the ``inferno`` colormap over
-    ``preview`` (``h x w x 3`` uint8); returns ``h x w x 3`` uint8."""
-    import numpy as np
-    from matplotlib import colormaps
-    from PIL import Image
-
-    h, w = preview.shape[:2]
-    small = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
-    colours = colormaps["inferno"](np.clip(small, 0.0, 1.0))[..., :3] * 255.0  # h x w x 3
-    return (preview.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
 
 
 def _safe_stem(path: Path) -> str:
@@ -272,7 +259,7 @@ class DemoService:
             write_prediction_outputs(folder, name, p, loaded.preview, source.name, loaded.georef)
             for name, p in zip(names, predictions)
         ]
-        heatmaps = self._write_heatmaps(folder, names, predictions, loaded.preview)
+        heatmaps = [(str(folder / r["heatmap_png"]), r["expression"]) for r in records if "heatmap_png" in r]
         zip_path = run_dir / f"{folder.name}_masks.zip"
         with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
             for file in sorted(folder.iterdir()):
@@ -286,21 +273,6 @@ class DemoService:
         ]
         summary = _markdown_table(source.name, loaded, records, time.perf_counter() - start)
         return DemoResult(overlays, heatmaps, downloads, summary, records)
-
-    @staticmethod
-    def _write_heatmaps(
-        folder: Path, names: list[str], predictions: list[Prediction], preview: np.ndarray
-    ) -> list[tuple[str, str]]:
-        from PIL import Image
-
-        out = []
-        for name, p in zip(names, predictions):
-            if p.heatmap is None:
-                continue
-            target = folder / f"{name}.heatmap.png"
-            Image.fromarray(heatmap_image(preview, p.heatmap)).save(target, format="PNG")
-            out.append((str(target), p.expression))
-        return out
 
 
 def _user_error(exc: BaseException) -> Exception:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,24 +28,13 @@ from rsrefseg.data.transforms import logits_to_original
 from rsrefseg.metrics import DEFAULT_THRESHOLDS, RefSegMetrics, SampleStats, pixel_counts
 
 
-@dataclass
-class EvalRow:
-    """One evaluated sample (pixel counts at original resolution)."""
+@dataclass(frozen=True, kw_only=True)
+class EvalRow(SampleStats):
+    """One evaluated sample: its :class:`SampleStats` (pixel counts at original resolution, IoU)
+    plus its dataset index and expression."""
 
     index: int
-    sample_id: str
     text: str
-    inter: int
-    union: int
-    pred_area: int
-    target_area: int
-    category: str | None = None
-    rule: str | None = None
-
-    @property
-    def iou(self) -> float:
-        """IoU, 1.0 when prediction and target are both empty."""
-        return 1.0 if self.union == 0 else self.inter / self.union
 
 
 @dataclass
@@ -86,8 +75,7 @@ def summarize_rows(
     ordered = [unique[i] for i in sorted(unique)]
     metrics = RefSegMetrics(thresholds, strict)
     for row in ordered:
-        metrics.add(SampleStats(row.sample_id or f"#{row.index}", row.inter, row.union, row.pred_area,
-                                row.target_area, row.category, row.rule))
+        metrics.add(row if row.sample_id else replace(row, sample_id=f"#{row.index}"))
     return metrics.compute(), ordered
 
 
@@ -156,8 +144,8 @@ def evaluate(
                 target = batch["target"][i]
                 inter, union, pred_area, target_area = pixel_counts(pred, target)
                 index = int(batch["index"][i])
-                rows.append(EvalRow(index, str(batch["sample_id"][i]), batch["text"][i], inter, union,
-                                    pred_area, target_area, batch["category"][i], batch["rule"][i]))
+                rows.append(EvalRow(str(batch["sample_id"][i]), inter, union, pred_area, target_area,
+                                    batch["category"][i], batch["rule"][i], index=index, text=batch["text"][i]))
                 if index in keep_set:
                     kept.append((index, pred))
             if bar is not None:
@@ -300,8 +288,8 @@ def evaluate_baselines(
             preds["fixed_box"] = box_mask(h, w, box)
         for name in names:
             inter, union, pa, ta = pixel_counts(preds[name], target)
-            rows[name].append(EvalRow(index, record.sample_id or f"#{index}", record.sent, inter, union, pa, ta,
-                                      record.category_name, record.rule))
+            rows[name].append(EvalRow(record.sample_id or f"#{index}", inter, union, pa, ta, record.category_name,
+                                      record.rule, index=index, text=record.sent))
     for name in names:
         out[name] = summarize_rows(rows[name], thresholds, strict)[0]
     return out

@@ -114,10 +114,13 @@ def test_nodata_is_never_in_masks_tiled_or_not(nodata_tif, tiny_checkpoint, tmp_
         out = tmp_path / f"tiled-{tiled}"
         extra = ["--tile-threshold", "1", "--tile", "96", "--overlap", "32"] if tiled else []  # 2 tiles
         code, _, _ = _run(capsys, str(nodata_tif), "--text", "fields", "--threshold=-1e9", *extra,
-                          "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--precision", precision)
+                          "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--precision", precision,
+                          "--heatmaps")
         assert code == 0
         summary = json.loads((out / "summary.json").read_text())
         assert summary["images"][0]["tiled"] == tiled and summary["settings"]["precision"] == precision
+        heatmap = summary["images"][0]["outputs"][0].get("heatmap_png")  # asked for; only untiled images have one
+        assert (heatmap is not None) != tiled and (heatmap is None or (out / heatmap).is_file())
         mask = _mask_png(out / "nodata_scene" / "01_fields.mask.png") > 0
         np.testing.assert_array_equal(mask, valid)  # everything selected, except nodata
         record = summary["images"][0]["outputs"][0]

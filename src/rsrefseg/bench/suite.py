@@ -156,11 +156,6 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
         report["models"][name] = result
     main = presets[0]
     report["targets"] = {"preset": main, "checks": evaluate_targets(report["models"][main])}
-    if agreement is not None:
-        from rsrefseg.bench.agreement import precision_agreement
-
-        report["agreement"] = precision_agreement(*agreement, precision="bf16", log=log)
-        report["targets"]["checks"].append(agreement_check(report["agreement"]))
     if main == "rsrefseg-b":
         report["issue_check"] = issue_check(roof, report["models"][main])
     if smoke:
@@ -169,12 +164,23 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
         report["gpu"] = bench_gpu(preset, reps, log=log)
     meta.update(contention(meta["load_average_start"], load_average(), monitor.stop()["others_cpu_fraction"],
                            torch.get_num_threads()))
+    _save(report, out)  # the timings are kept even if the agreement step fails
+    if agreement is not None:
+        from rsrefseg.bench.agreement import precision_agreement
+
+        report["agreement"] = precision_agreement(*agreement, precision="bf16", log=log)
+        report["targets"]["checks"].append(agreement_check(report["agreement"]))
+        _save(report, out)
+    log(format_table(report))
+    return report
+
+
+def _save(report: dict[str, Any], out: str | Path | None) -> None:
+    """Write the report atomically (nothing when ``out`` is None)."""
     if out is not None:
         from rsrefseg.utils import atomic_write_json
 
         atomic_write_json(out, report)
-    log(format_table(report))
-    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -156,7 +156,7 @@ def _process_image(predictor: Any, path: Path, folder: Path, expressions: list[s
                       skipped_tiles=scene.skipped_tiles)
     else:
         predictor.set_image(path, bands=args.bands)
-        predictions = predictor.predict(expressions, args.batch_size, args.threshold, heatmap=False)
+        predictions = predictor.predict(expressions, args.batch_size, args.threshold, heatmap=args.heatmaps)
         image = predictor.image
         preview = image.rgb
         if max(height, width) > args.overlay_max_side:
@@ -166,7 +166,7 @@ def _process_image(predictor: Any, path: Path, folder: Path, expressions: list[s
     for name, prediction in zip(names, predictions):
         out = write_prediction_outputs(folder, name, prediction, preview, str(path), georef,
                                        simplify=args.simplify, min_area=args.min_area)
-        for key in ("mask_png", "overlay_png", "mask_tif", "geojson"):
+        for key in ("mask_png", "overlay_png", "heatmap_png", "mask_tif", "geojson"):
             if key in out:
                 out[key] = f"{folder.name}/{out[key]}"  # relative to the output root
         outputs.append({"index": len(outputs) + 1, "name": name, **out})
@@ -228,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
                      "overlap": args.overlap if args.overlap is not None else (args.tile or config.sam_image_size) // 8,
                      "threshold": args.threshold, "batch_size": args.batch_size,
                      "simplify_px": args.simplify, "min_area_px": args.min_area, "resize_mode": config.resize_mode,
-                     "device": str(predictor.device), "precision": args.precision, "overlay_max_side": args.overlay_max_side},
+                     "device": str(predictor.device), "precision": args.precision, "heatmaps": args.heatmaps,
+                     "overlay_max_side": args.overlay_max_side},
         "world_size": world, "rank": rank, "inputs": len(inputs),
         "rss_after_model_mb": round(peak_rss_mb(), 1), "images": [], "failures": [],
     }
@@ -293,5 +294,8 @@ def add_parser(subparsers: Any) -> None:
     add_model_args(p, "torch device (default: the accelerate device, else CUDA if available)")
     p.add_argument("--overlay-max-side", type=int, default=2048, metavar="PX",
                    help="longest side of overlay PNGs (larger images get a downscaled preview)")
+    p.add_argument("--heatmaps", action="store_true",
+                   help="also write <nn>_<expression>.heatmap.png, the text-activation heatmap over the image "
+                        "(images below --tile-threshold; tiled scenes have none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

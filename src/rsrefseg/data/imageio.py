@@ -65,7 +65,7 @@ def _check_exists(path: Path) -> None:
         raise DataError(f"{path}: image not found")
 
 
-def _select_bands(count: int, bands: tuple[int, ...] | None, path: Path) -> tuple[int, int, int]:
+def select_bands(count: int, bands: tuple[int, ...] | None, path: Path) -> tuple[int, int, int]:
     """1-based band index for each of the three output channels."""
     if bands is None:
         if count == 1:
@@ -85,15 +85,22 @@ def _select_bands(count: int, bands: tuple[int, ...] | None, path: Path) -> tupl
     return chosen  # type: ignore[return-value]
 
 
-def _stretch_band(band: np.ndarray, valid: np.ndarray, stretch: tuple[float, float]) -> np.ndarray:
-    """Linear percentile stretch of one ``H x W`` band to uint8 using the valid pixels only."""
-    values = band[valid]
+def percentile_limits(values: np.ndarray, stretch: tuple[float, float]) -> tuple[float, float] | None:
+    """``(low, high)`` percentiles of 1-D valid values (``None`` when there are none)."""
     if values.size == 0:
+        return None
+    low, high = np.percentile(values.astype(np.float64), stretch)
+    return float(low), float(high)
+
+
+def apply_stretch(band: np.ndarray, valid: np.ndarray, limits: tuple[float, float] | None) -> np.ndarray:
+    """Linear stretch of one ``H x W`` band from ``limits`` to uint8 0..255 (0 where not valid).
+
+    No limits (no valid pixel) or a constant band gives all zeros.
+    """
+    if limits is None or not limits[1] > limits[0]:
         return np.zeros(band.shape, dtype=np.uint8)
-    step = max(1, values.size // _PERCENTILE_SAMPLES)
-    low, high = np.percentile(values[::step].astype(np.float64), stretch)
-    if not high > low:  # constant band: everything at the low end
-        return np.zeros(band.shape, dtype=np.uint8)
+    low, high = limits
     scaled = band.astype(np.float32)
     scaled -= np.float32(low)
     scaled *= np.float32(255.0 / (high - low))
@@ -101,6 +108,14 @@ def _stretch_band(band: np.ndarray, valid: np.ndarray, stretch: tuple[float, flo
     np.clip(scaled, 0.0, 255.0, out=scaled)
     np.rint(scaled, out=scaled)
     return scaled.astype(np.uint8)
+
+
+def _stretch_band(band: np.ndarray, valid: np.ndarray, stretch: tuple[float, float]) -> np.ndarray:
+    """Linear percentile stretch of one ``H x W`` band to uint8 using the valid pixels only
+    (at most :data:`_PERCENTILE_SAMPLES` of them, every ``step``-th in row-major order)."""
+    values = band[valid]
+    step = max(1, values.size // _PERCENTILE_SAMPLES)
+    return apply_stretch(band, valid, percentile_limits(values[::step], stretch))
 
 
 def _to_rgb(
@@ -154,7 +169,7 @@ def _read_pil(path: Path, bands: tuple[int, ...] | None, stretch: tuple[float, f
     if final_mode in ("RGBA", "LA", "PA"):  # last channel is alpha: it marks validity, it is not a band
         valid = array[-1] > 0
         array = array[:-1]
-    chosen = _select_bands(array.shape[0], bands, path)
+    chosen = select_bands(array.shape[0], bands, path)
     unique = sorted(set(chosen))
     data = array[[b - 1 for b in unique]]  # keep the chosen channels -> K x H x W
     rgb, valid = _to_rgb(data, _channel_index(chosen, unique), valid, stretch)
@@ -177,7 +192,7 @@ def _read_rasterio(path: Path, bands: tuple[int, ...] | None, stretch: tuple[flo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with _open_rasterio(path) as src:
-            chosen = _select_bands(src.count, bands, path)
+            chosen = select_bands(src.count, bands, path)
             unique = sorted(set(chosen))
             try:
                 data = src.read(unique)  # len(unique) x H x W, native dtype

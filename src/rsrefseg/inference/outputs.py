@@ -143,6 +143,23 @@ def write_overlay_png(
     atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def heatmap_image(preview: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Blend the ``H x W`` [0, 1] ``heat`` (resized to the preview) in the ``inferno`` colormap over
+    ``preview`` (``h x w x 3`` uint8); returns ``h x w x 3`` uint8."""
+    from matplotlib import colormaps
+
+    h, w = preview.shape[:2]
+    small = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
+    colours = colormaps["inferno"](np.clip(small, 0.0, 1.0))[..., :3] * 255.0  # h x w x 3
+    return (preview.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+def write_heatmap_png(path: str | os.PathLike[str], preview: np.ndarray, heat: np.ndarray) -> None:
+    """Write :func:`heatmap_image` as PNG, atomically."""
+    image = Image.fromarray(heatmap_image(preview, heat))
+    atomic_save(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
 def _geo_outputs(
     base: Path,
     prediction: Prediction,
@@ -189,7 +206,8 @@ def write_prediction_outputs(
     Args:
         folder: The image's output folder.
         name: ``<nn>_<slug>`` file-name stem.
-        prediction: The prediction (full-resolution ``H x W`` mask).
+        prediction: The prediction (full-resolution ``H x W`` mask; its heatmap, when it has one,
+            is written as ``<name>.heatmap.png``).
         preview: ``h x w x 3`` uint8 RGB for the overlay (the image, or a downscaled preview).
         source: Source file, recorded in the GeoTIFF tags and GeoJSON properties.
         georef: Georeferencing; ``None`` writes no GeoTIFF/GeoJSON.
@@ -211,6 +229,9 @@ def write_prediction_outputs(
         "mask_png": f"{name}.mask.png",
         "overlay_png": f"{name}.overlay.png",
     }
+    if prediction.heatmap is not None:
+        write_heatmap_png(f"{base}.heatmap.png", preview, prediction.heatmap)
+        record["heatmap_png"] = f"{name}.heatmap.png"
     if georef is not None:
         record.update(_geo_outputs(base, prediction, georef, source, simplify, min_area))
     return record

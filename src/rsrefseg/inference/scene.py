@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsrefseg.data.imageio import PIL_SUFFIXES, RasterImage, _select_bands
+from rsrefseg.data.imageio import PIL_SUFFIXES, RasterImage, apply_stretch, percentile_limits, select_bands
 from rsrefseg.errors import DataError
 from rsrefseg.inference.geo import GeoReference
 from rsrefseg.inference.predictor import ImageInput, Prediction, Predictor, as_raster_image, check_expressions
@@ -144,7 +144,7 @@ class RasterioSource(SceneSource):
             raise DataError(f"{self.path}: cannot read image ({' '.join(str(exc).split())})") from None
         try:
             self.height, self.width = int(self._ds.height), int(self._ds.width)
-            chosen = _select_bands(int(self._ds.count), bands, self.path)
+            chosen = select_bands(int(self._ds.count), bands, self.path)
             self._unique = sorted(set(chosen))
             # Index into the read (unique) bands of each output channel R, G, B.
             self._channels = [self._unique.index(b) for b in chosen]
@@ -199,34 +199,14 @@ class RasterioSource(SceneSource):
             for k in range(len(self._unique)):
                 samples[k].append(data[k][valid][first::step])
             seen += count
-        limits: list[tuple[float, float] | None] = []
-        for parts in samples:
-            values = np.concatenate(parts) if parts else np.empty(0)
-            if values.size == 0:
-                limits.append(None)
-                continue
-            low, high = np.percentile(values.astype(np.float64), stretch)
-            limits.append((low, high))
-        return limits
+        return [percentile_limits(np.concatenate(parts) if parts else np.empty(0), stretch) for parts in samples]
 
     def _to_rgb(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """``K x h x w`` native bands -> ``h x w x 3`` uint8 with the scene-wide stretch."""
         if not self._needs_stretch:
             bands = list(data)
         else:
-            bands = []
-            for band, limit in zip(data, self._limits):
-                if limit is None or not limit[1] > limit[0]:  # no valid data / constant band
-                    bands.append(np.zeros(band.shape, dtype=np.uint8))
-                    continue
-                low, high = limit
-                scaled = band.astype(np.float32)
-                scaled -= np.float32(low)
-                scaled *= np.float32(255.0 / (high - low))
-                scaled[~valid] = 0.0  # also removes NaN/inf, never valid
-                np.clip(scaled, 0.0, 255.0, out=scaled)
-                np.rint(scaled, out=scaled)
-                bands.append(scaled.astype(np.uint8))
+            bands = [apply_stretch(band, valid, limit) for band, limit in zip(data, self._limits, strict=True)]
         rgb = np.stack([bands[c] for c in self._channels], axis=-1)  # 3 x (h x w) -> h x w x 3
         rgb[~valid] = 0
         return rgb
