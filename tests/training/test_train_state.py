@@ -24,9 +24,9 @@ from rsrefseg.training.state import (
 )
 
 
-def _accelerator(world: int = 1) -> Any:
+def _accelerator(world: int = 1, kind: str = "NO") -> Any:
     return SimpleNamespace(is_main_process=True, process_index=0, num_processes=world, scaler=None,
-                           wait_for_everyone=lambda: None, unwrap_model=lambda m: m)
+                           wait_for_everyone=lambda: None, unwrap_model=lambda m: m, distributed_type=kind)
 
 
 def test_save_load_prune_and_resume_lookup(tmp_path: Path) -> None:
@@ -87,3 +87,27 @@ def test_save_load_prune_and_resume_lookup(tmp_path: Path) -> None:
     best = save_best(root, model, {"step": 40, "mIoU": 0.8})
     assert sorted(p.name for p in best.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in root.iterdir()) == ["best", "step-00000020", "step-00000030"]
+
+
+def test_sharded_optimizer_state_is_saved_per_process(tmp_path: Path) -> None:
+    """DeepSpeed ZeRO / FSDP: each process saves and restores its own optimizer shard."""
+    from rsrefseg import RSRefSeg
+    from rsrefseg.training.state import optimizer_file, optimizer_sharded
+
+    assert not optimizer_sharded(_accelerator(kind="MULTI_GPU"))
+    assert optimizer_sharded(_accelerator(kind="DistributedType.DEEPSPEED")) and optimizer_sharded(_accelerator(kind="FSDP"))
+    model = RSRefSeg.from_preset("tiny", finetune="lora", **MICRO_OVERRIDES)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    params[0].grad = torch.ones_like(params[0])
+    optimizer.step()
+    acc = _accelerator(kind="DEEPSPEED")
+    saved = save_resumable(tmp_path, acc, model, optimizer, scheduler, TrainerState(global_step=3))
+    assert optimizer_file(acc) == "optimizer-0.pt"
+    assert (saved / "optimizer-0.pt").is_file() and not (saved / "optimizer.pt").exists()
+    opt2 = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    load_resumable(saved, acc, model, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda step: 1.0))
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    with pytest.raises(ConfigError, match="another distributed setup"):  # a DDP run cannot resume it
+        load_resumable(saved, _accelerator(), model, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0))

@@ -3,7 +3,9 @@
 Layout of ``<work_dir>/checkpoints``::
 
     step-00000120/           resumable: model.safetensors + config.json (trained part only),
-                             optimizer.pt, scheduler.pt, [scaler.pt], rng-<rank>.pt, trainer_state.json
+                             optimizer.pt (or optimizer-<rank>.pt when the optimizer state is
+                             sharded: DeepSpeed ZeRO, FSDP), scheduler.pt, [scaler.pt],
+                             rng-<rank>.pt, trainer_state.json
     best/                    model.safetensors + config.json of the best validation mIoU
 
 A folder is written as ``.tmp-<name>`` and renamed when complete (an atomic ``rename``), so a
@@ -117,6 +119,17 @@ def resolve_resume(value: str, work_dir: str | os.PathLike[str]) -> Path | None:
     raise ConfigError(f"--resume {value}: not a resumable checkpoint (no {STATE_NAME}) nor a work dir holding one")
 
 
+def optimizer_sharded(accelerator: Any) -> bool:
+    """Whether each process holds a different part of the optimizer state (DeepSpeed ZeRO, FSDP)."""
+    kind = str(getattr(accelerator, "distributed_type", "")).upper()
+    return "DEEPSPEED" in kind or "FSDP" in kind
+
+
+def optimizer_file(accelerator: Any) -> str:
+    """``optimizer-<rank>.pt`` for sharded optimizer states, else ``optimizer.pt`` (rank 0 writes it)."""
+    return f"optimizer-{accelerator.process_index}.pt" if optimizer_sharded(accelerator) else "optimizer.pt"
+
+
 def save_resumable(
     root: Path,
     accelerator: Any,
@@ -129,7 +142,8 @@ def save_resumable(
     """Write ``root/step-<global_step>`` atomically from every process (collective: call on all ranks).
 
     The main process writes the trained part, optimizer, scheduler and scaler; every process writes
-    its own RNG states. The folder appears (by rename) only when all files are complete.
+    its own RNG states (and its optimizer shard when the state is sharded). The folder appears (by
+    rename) only when all files are complete.
     """
     name = step_dir_name(state.global_step)
     final = root / name
@@ -139,9 +153,13 @@ def save_resumable(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     _torch_save(capture_rng(), tmp / f"rng-{accelerator.process_index}.pt")
+    sharded = optimizer_sharded(accelerator)
+    if sharded:  # every process holds its own shard (collective state_dict calls included)
+        _torch_save(optimizer.state_dict(), tmp / optimizer_file(accelerator))
     if accelerator.is_main_process:
         save_checkpoint(accelerator.unwrap_model(model), tmp, extra={"training": extra or {}})
-        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not sharded:
+            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if getattr(accelerator, "scaler", None) is not None:
             _torch_save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
@@ -176,7 +194,11 @@ def load_resumable(
         )
     tensors, _ = read_trained_state(directory / "model.safetensors")
     load_trained_state(accelerator.unwrap_model(model), tensors, source=str(directory / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False))
+    opt_file = directory / optimizer_file(accelerator)
+    if not opt_file.is_file():
+        raise ConfigError(f"{directory}: no {opt_file.name}; it was saved with another distributed setup "
+                          "(DeepSpeed/FSDP shard the optimizer state per process, DDP does not)")
+    optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=False))
     if (directory / "scaler.pt").is_file() and getattr(accelerator, "scaler", None) is not None:
         accelerator.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=False))
