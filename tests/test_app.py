@@ -253,3 +253,20 @@ def test_serve_bad_checkpoint_is_one_error_line(tmp_path: Path, capsys: pytest.C
     assert main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "nope" in err and "\n" not in err
+
+
+def test_band_choice_reencodes_and_bad_bands_are_one_line(service: DemoService, tmp_path: Path) -> None:
+    """A band choice (e.g. 3,2,1 of a multispectral GeoTIFF) is applied, counted as a new image."""
+    tif = _geotiff(tmp_path / "bands.tif")
+    auto = service.load(tif)
+    swapped = service.load(tif, "3,2,1")
+    assert service.encodes == 2
+    np.testing.assert_array_equal(swapped, auto[..., ::-1])  # R and B exchanged
+    service.run(tif, "the ship", bands="3,2,1")  # same bands: cached, no re-encoding
+    assert service.encodes == 2
+    grey = service.load(tif, " 2 ")  # one band, shown as grey
+    assert (grey[..., 0] == grey[..., 1]).all() and service.encodes == 3
+    for bad in ("4,3,2", "1,2", "x"):
+        with pytest.raises((ConfigError, DataError)) as info:
+            service.load(tif, bad)
+        assert "\n" not in str(info.value) and ("band" in str(info.value))

@@ -92,7 +92,7 @@ class DemoResult:
 class _Loaded:
     """The image whose features the predictor holds."""
 
-    key: tuple[str, int, int]
+    key: tuple[str, int, int, tuple[int, ...] | None]
     preview: np.ndarray  # h x w x 3 uint8, longest side <= PREVIEW_MAX_SIDE
     georef: GeoReference | None
     height: int
@@ -199,29 +199,37 @@ class DemoService:
         self._loaded: _Loaded | None = None
         self.encodes = 0  # number of set_image calls (one per distinct upload)
 
-    def _load(self, path: Path) -> _Loaded:
-        """Check limits and make sure the predictor holds ``path``'s features; call with the lock held."""
-        from rsrefseg.data.imageio import read_image
+    def _load(self, path: Path, bands: str | None = None) -> _Loaded:
+        """Check limits and make sure the predictor holds ``path``'s features; call with the lock held.
+
+        ``bands``: 1-based source bands for R, G, B (``"4,3,2"``, or one band); empty = automatic.
+        """
+        from rsrefseg.data.imageio import parse_bands, read_image
         from rsrefseg.inference.geo import read_georeference
 
         if not path.is_file():
             raise DataError(f"{path.name}: uploaded file not found (upload it again)")
+        try:
+            chosen = parse_bands(bands)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, chosen)
         if self._loaded is not None and self._loaded.key == key and self.predictor.is_image_set:
             return self._loaded
         check_upload(path, self.limits)
-        raster = read_image(path)
+        raster = read_image(path, bands=chosen)
         georef = read_georeference(path) if raster.transform is not None else None
         self.predictor.set_image(raster)
         self.encodes += 1
         self._loaded = _Loaded(key, _preview(raster.rgb), georef, raster.height, raster.width)
         return self._loaded
 
-    def load(self, path: str | os.PathLike[str]) -> np.ndarray:
-        """Check and encode an uploaded image; return its preview (``h x w x 3`` uint8)."""
+    def load(self, path: str | os.PathLike[str], bands: str | None = None) -> np.ndarray:
+        """Check and encode an uploaded image (``bands`` as in :meth:`run`); return its preview
+        (``h x w x 3`` uint8)."""
         with self._lock:
-            return self._load(Path(path)).preview
+            return self._load(Path(path), bands).preview
 
     def _new_run_dir(self) -> Path:
         """A fresh output folder; the oldest beyond ``keep_runs`` is deleted (call with the lock held)."""
@@ -231,13 +239,17 @@ class DemoService:
             shutil.rmtree(self._runs.popleft(), ignore_errors=True)
         return run
 
-    def run(self, path: str | os.PathLike[str], text: str | None, threshold: float = 0.5) -> DemoResult:
+    def run(
+        self, path: str | os.PathLike[str], text: str | None, threshold: float = 0.5, bands: str | None = None
+    ) -> DemoResult:
         """Segment every expression of ``text`` (one per line) on the image at ``path``.
 
         Args:
             path: The uploaded image.
             text: Expressions, one per line.
             threshold: Mask probability threshold in (0, 1).
+            bands: 1-based source bands for R, G, B, e.g. ``"4,3,2"`` for a multispectral GeoTIFF,
+                or one band; empty or ``None`` = automatic (the first three, or the only one).
 
         Raises:
             DataError / ConfigError: a limit is exceeded, the file cannot be read, no expression.
@@ -250,7 +262,7 @@ class DemoService:
             raise ConfigError(f"the mask threshold must be in (0, 1), got {threshold}")
         start = time.perf_counter()
         with self._lock:
-            loaded = self._load(source)
+            loaded = self._load(source, bands)
             predictions = self.predictor.predict(expressions, threshold=math.log(threshold / (1 - threshold)))
             run_dir = self._new_run_dir()
         folder = run_dir / _safe_stem(source)
@@ -288,22 +300,22 @@ def _user_error(exc: BaseException) -> Exception:
 
 
 def make_handlers(service: DemoService) -> tuple[Any, Any]:
-    """The Gradio callbacks ``(on_upload(file) -> preview, on_run(file, text, threshold) -> outputs)``;
+    """The Gradio callbacks ``(on_upload(file, bands) -> preview, on_run(file, text, threshold, bands) -> outputs)``;
     every failure becomes a one-line ``gr.Error``."""
 
-    def on_upload(file: str | None) -> np.ndarray | None:
+    def on_upload(file: str | None, bands: str | None = None) -> np.ndarray | None:
         if not file:
             return None
         try:
-            return service.load(file)
+            return service.load(file, bands)
         except Exception as exc:
             raise _user_error(exc) from None
 
-    def on_run(file: str | None, text: str, threshold: float) -> tuple[Any, ...]:
+    def on_run(file: str | None, text: str, threshold: float, bands: str | None = None) -> tuple[Any, ...]:
         if not file:
             raise _user_error(ConfigError("upload an image first"))
         try:
-            result = service.run(file, text, float(threshold))
+            result = service.run(file, text, float(threshold), bands)
         except Exception as exc:
             raise _user_error(exc) from None
         return result.overlays, result.heatmaps, result.downloads, result.summary
@@ -367,6 +379,8 @@ def build_app(
                                  type="filepath", elem_id="rsrefseg-upload")
                 preview = gr.Image(label="Uploaded image", interactive=False, type="numpy",
                                    elem_id="rsrefseg-preview", height=320)
+                bands = gr.Textbox(label="Bands as R,G,B (1-based, e.g. 4,3,2 for multispectral; empty = automatic)",
+                                   placeholder="automatic", max_lines=1, elem_id="rsrefseg-bands")
                 text = gr.Textbox(label="Referring expressions (one per line)", lines=4,
                                   placeholder="the large white building\nthe ship on the left",
                                   elem_id="rsrefseg-expressions")
@@ -385,9 +399,10 @@ def build_app(
                                     interactive=False, elem_id="rsrefseg-downloads")
                 summary = gr.Markdown(elem_id="rsrefseg-summary")
         # Both events use the model: they share one concurrency limit (the rest waits in the queue).
-        upload.upload(on_upload, inputs=upload, outputs=preview, concurrency_id="model")
+        upload.upload(on_upload, inputs=[upload, bands], outputs=preview, concurrency_id="model")
+        bands.submit(on_upload, inputs=[upload, bands], outputs=preview, concurrency_id="model")
         upload.clear(lambda: None, outputs=preview, queue=False)
-        run.click(on_run, inputs=[upload, text, threshold], outputs=[overlays, heatmaps, downloads, summary],
+        run.click(on_run, inputs=[upload, text, threshold, bands], outputs=[overlays, heatmaps, downloads, summary],
                   concurrency_id="model")
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return demo

@@ -40,12 +40,14 @@ IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp", ".
 
 
 def _parse_bands(text: str) -> tuple[int, ...]:
+    from rsrefseg.data.imageio import parse_bands
+
     try:
-        bands = tuple(int(b) for b in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bands must be 1-based integers like 4,3,2, got {text!r}") from None
-    if len(bands) not in (1, 3) or min(bands) < 1:
-        raise argparse.ArgumentTypeError(f"bands must name 1 or 3 bands (1-based), got {text!r}")
+        bands = parse_bands(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if bands is None:
+        raise argparse.ArgumentTypeError("bands must name 1 or 3 bands (1-based), got an empty value")
     return bands
 
 

@@ -65,6 +65,23 @@ def _check_exists(path: Path) -> None:
         raise DataError(f"{path}: image not found")
 
 
+def parse_bands(text: str | None) -> tuple[int, ...] | None:
+    """``"4,3,2"`` -> ``(4, 3, 2)`` (1-based R, G, B), ``"1"`` -> ``(1,)``; empty -> ``None`` (automatic).
+
+    Raises:
+        ValueError: not 1 or 3 positive integers.
+    """
+    if text is None or not text.strip():
+        return None
+    try:
+        bands = tuple(int(b) for b in text.replace(" ", "").split(","))
+    except ValueError:
+        raise ValueError(f"bands must be 1-based integers like 4,3,2, got {text!r}") from None
+    if len(bands) not in (1, 3) or min(bands) < 1:
+        raise ValueError(f"bands must name 1 or 3 bands (1-based), got {text!r}")
+    return bands
+
+
 def select_bands(count: int, bands: tuple[int, ...] | None, path: Path) -> tuple[int, int, int]:
     """1-based band index for each of the three output channels."""
     if bands is None:
