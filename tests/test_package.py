@@ -21,6 +21,7 @@ def test_lazy_exports() -> None:
 
     assert rsrefseg.RSRefSeg.__name__ == "RSRefSeg"
     assert rsrefseg.RSRefSegConfig().preset == "rsrefseg-b"
+    assert rsrefseg.optimize_for_inference.__module__ == "rsrefseg.modeling.optimize"
 
 
 def test_cli_help_lists_commands() -> None:

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Predictor", "RSRefSeg", "RSRefSegConfig", "RSRefSegOutput", "__version__"]
+__all__ = ["Predictor", "RSRefSeg", "RSRefSegConfig", "RSRefSegOutput", "__version__", "optimize_for_inference"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from rsrefseg.config import RSRefSegConfig
     from rsrefseg.inference.predictor import Predictor
+    from rsrefseg.modeling.optimize import optimize_for_inference
     from rsrefseg.modeling.rsrefseg import RSRefSeg, RSRefSegOutput
 
 _LAZY = {
@@ -22,6 +23,7 @@ _LAZY = {
     "RSRefSegOutput": "rsrefseg.modeling.rsrefseg",
     "RSRefSegConfig": "rsrefseg.config",
     "Predictor": "rsrefseg.inference.predictor",
+    "optimize_for_inference": "rsrefseg.modeling.optimize",
 }
 
 
