@@ -270,3 +270,22 @@ def test_band_choice_reencodes_and_bad_bands_are_one_line(service: DemoService, 
         with pytest.raises((ConfigError, DataError)) as info:
             service.load(tif, bad)
         assert "\n" not in str(info.value) and ("band" in str(info.value))
+
+
+def test_large_upload_is_tiled(predictor: Any, tmp_path: Path) -> None:
+    """Above tile_threshold the run goes tile by tile at native resolution, features are not cached,
+    and masks/heatmaps/GeoJSON still cover the whole scene (nodata excluded)."""
+    service = DemoService(predictor, Limits(max_pixels=200 * 200, tile_threshold=40 * 40), workdir=tmp_path / "w")
+    tif = _geotiff(tmp_path / "scene.tif", height=90, width=300 // 2)  # 150 x 90 > 40 x 40: tiled
+    service.load(tif)
+    assert service.encodes == 0 and not predictor.is_image_set  # nothing encoded on upload
+    result = service.run(tif, "the building\nthe road", threshold=0.5)
+    assert service.encodes == 1 and "tile by tile" in result.summary
+    assert len(result.heatmaps) == 2 and all(Path(p).is_file() for p, _ in result.heatmaps)
+    from PIL import Image
+
+    with Image.open(result.downloads[1]) as png:
+        mask = np.asarray(png)
+    assert mask.shape == (90, 150) and not mask[:4, :4].any()
+    service.run(tif, "the ship")  # tiled runs re-encode every time (tile features are not cached)
+    assert service.encodes == 2

@@ -54,6 +54,8 @@ DEFAULT_MAX_UPLOAD_MB = 50.0
 DEFAULT_MAX_PIXELS = 4096 * 4096
 #: Expressions accepted in one run.
 DEFAULT_MAX_EXPRESSIONS = 16
+#: Same as ``rsrefseg predict``'s default ``--tile-threshold``.
+DEFAULT_TILE_THRESHOLD = 2048 * 2048
 #: Longest side of the previews, overlays and heatmaps shown in the page (masks stay full size).
 PREVIEW_MAX_SIDE = 1024
 #: File types offered by the upload dialog.
@@ -67,6 +69,9 @@ class Limits:
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_expressions: int = DEFAULT_MAX_EXPRESSIONS
+    #: Images with more pixels are segmented tile by tile at native resolution (as ``rsrefseg
+    #: predict --tile-threshold``), so small objects of a large scene are not lost in one resize.
+    tile_threshold: int = DEFAULT_TILE_THRESHOLD
 
 
 @dataclass
@@ -90,13 +95,14 @@ class DemoResult:
 
 @dataclass
 class _Loaded:
-    """The image whose features the predictor holds."""
+    """The current upload: its preview, georeferencing and (when not tiled) cached features."""
 
     key: tuple[str, int, int, tuple[int, ...] | None]
     preview: np.ndarray  # h x w x 3 uint8, longest side <= PREVIEW_MAX_SIDE
     georef: GeoReference | None
     height: int
     width: int
+    tiled: bool = False  # segmented tile by tile on each run (features are not cached)
 
 
 def parse_expressions(text: str | None, max_expressions: int = DEFAULT_MAX_EXPRESSIONS) -> list[str]:
@@ -157,8 +163,10 @@ def _safe_stem(path: Path) -> str:
 
 def _markdown_table(name: str, loaded: _Loaded, records: list[dict[str, Any]], seconds: float) -> str:
     geo = "georeferenced" if loaded.georef is not None else "not georeferenced (no GeoJSON)"
+    tiled = ", segmented tile by tile at native resolution" if loaded.tiled else ""
     lines = [
-        f"**{name}**: {loaded.width} x {loaded.height} px, {geo}; {len(records)} expression(s) in {seconds:.1f} s",
+        f"**{name}**: {loaded.width} x {loaded.height} px, {geo}{tiled}; {len(records)} expression(s) in "
+        f"{seconds:.1f} s",
         "",
         "| # | expression | score | mask pixels | polygons | area (m²) |",
         "|---|---|---|---|---|---|",
@@ -197,7 +205,7 @@ class DemoService:
         self._keep_runs = max(1, keep_runs)
         self._lock = threading.Lock()
         self._loaded: _Loaded | None = None
-        self.encodes = 0  # number of set_image calls (one per distinct upload)
+        self.encodes = 0  # image encodings: one per distinct upload, or one per run of a tiled upload
 
     def _load(self, path: Path, bands: str | None = None) -> _Loaded:
         """Check limits and make sure the predictor holds ``path``'s features; call with the lock held.
@@ -206,6 +214,7 @@ class DemoService:
         """
         from rsrefseg.data.imageio import parse_bands, read_image
         from rsrefseg.inference.geo import read_georeference
+        from rsrefseg.inference.tiling import should_tile
 
         if not path.is_file():
             raise DataError(f"{path.name}: uploaded file not found (upload it again)")
@@ -215,14 +224,19 @@ class DemoService:
             raise ConfigError(str(exc)) from None
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, chosen)
-        if self._loaded is not None and self._loaded.key == key and self.predictor.is_image_set:
-            return self._loaded
+        loaded = self._loaded
+        if loaded is not None and loaded.key == key and (loaded.tiled or self.predictor.is_image_set):
+            return loaded
         check_upload(path, self.limits)
         raster = read_image(path, bands=chosen)
         georef = read_georeference(path) if raster.transform is not None else None
-        self.predictor.set_image(raster)
-        self.encodes += 1
-        self._loaded = _Loaded(key, _preview(raster.rgb), georef, raster.height, raster.width)
+        tiled = should_tile(raster.height, raster.width, self.limits.tile_threshold)
+        if tiled:
+            self.predictor.reset_image()
+        else:
+            self.predictor.set_image(raster)
+            self.encodes += 1
+        self._loaded = _Loaded(key, _preview(raster.rgb), georef, raster.height, raster.width, tiled)
         return self._loaded
 
     def load(self, path: str | os.PathLike[str], bands: str | None = None) -> np.ndarray:
@@ -263,7 +277,13 @@ class DemoService:
         start = time.perf_counter()
         with self._lock:
             loaded = self._load(source, bands)
-            predictions = self.predictor.predict(expressions, threshold=math.log(threshold / (1 - threshold)))
+            logit = math.log(threshold / (1 - threshold))
+            if loaded.tiled:  # tile by tile at native resolution; the key holds the parsed bands
+                predictions = self.predictor.predict_scene(source, expressions, bands=loaded.key[3], threshold=logit,
+                                                           heatmap=True).predictions
+                self.encodes += 1
+            else:
+                predictions = self.predictor.predict(expressions, threshold=logit)
             run_dir = self._new_run_dir()
         folder = run_dir / _safe_stem(source)
         names = expression_names(expressions)
@@ -333,6 +353,7 @@ def build_app(
     max_expressions: int = DEFAULT_MAX_EXPRESSIONS,
     device: str | None = None,
     precision: str = "fp32",
+    tile_threshold: int = DEFAULT_TILE_THRESHOLD,
 ) -> gradio.Blocks:
     """Build the demo page (the model is loaded here, once, when given a checkpoint directory).
 
@@ -345,6 +366,7 @@ def build_app(
         max_expressions: Expressions accepted per run.
         device: Device for a checkpoint loaded here (``None``: CUDA when available).
         precision: ``"fp32"`` or ``"bf16"`` for a checkpoint loaded here.
+        tile_threshold: Images with more pixels are segmented tile by tile at native resolution.
 
     Returns:
         The ``gradio.Blocks``, queue configured; call ``.launch()`` on it.
@@ -354,18 +376,19 @@ def build_app(
 
     from rsrefseg.inference.predictor import Predictor
 
-    if concurrency < 1 or max_queue < 1 or max_upload_mb <= 0 or max_pixels < 1:
-        raise ConfigError("concurrency, max_queue, max_upload_mb and max_pixels must be positive")
+    if concurrency < 1 or max_queue < 1 or max_upload_mb <= 0 or max_pixels < 1 or tile_threshold < 1:
+        raise ConfigError("concurrency, max_queue, max_upload_mb, max_pixels and tile_threshold must be positive")
     if isinstance(predictor_or_checkpoint, Predictor):
         predictor = predictor_or_checkpoint
     else:
         predictor = Predictor.from_pretrained(predictor_or_checkpoint, device=device, precision=precision)
-    service = DemoService(predictor, Limits(max_upload_mb, max_pixels, max_expressions))
+    service = DemoService(predictor, Limits(max_upload_mb, max_pixels, max_expressions, tile_threshold))
     on_upload, on_run = make_handlers(service)
 
     limits_text = (
         f"Limits: {max_upload_mb:g} MB per upload, {max_pixels / 1e6:.3g} megapixels, "
-        f"{max_expressions} expressions per run."
+        f"{max_expressions} expressions per run; images above {tile_threshold / 1e6:.3g} megapixels are "
+        "segmented tile by tile."
     )
     with gr.Blocks(title="RSRefSeg demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(

@@ -149,7 +149,7 @@ def _process_image(predictor: Any, path: Path, folder: Path, expressions: list[s
         with open_scene(path, bands=args.bands) as source:
             scene = predict_scene(
                 predictor, source, expressions, tile=args.tile, overlap=args.overlap,
-                batch_size=args.batch_size, threshold=args.threshold,
+                batch_size=args.batch_size, threshold=args.threshold, heatmap=args.heatmaps,
                 progress=lambda it, n: _progress(it, args.quiet, total=n, desc="tiles", leave=False),
             )
             preview, _ = source.preview(args.overlay_max_side)
@@ -298,6 +298,6 @@ def add_parser(subparsers: Any) -> None:
                    help="longest side of overlay PNGs (larger images get a downscaled preview)")
     p.add_argument("--heatmaps", action="store_true",
                    help="also write <nn>_<expression>.heatmap.png, the text-activation heatmap over the image "
-                        "(images below --tile-threshold; tiled scenes have none)")
+                        "(stitched from the tiles for tiled scenes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import Any
 
-from rsrefseg.app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB
+from rsrefseg.app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB, DEFAULT_TILE_THRESHOLD
 from rsrefseg.cli.args import add_model_args, parse_pixels, positive
 from rsrefseg.errors import ConfigError
 
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         device=args.device,
         precision=args.precision,
+        tile_threshold=args.tile_threshold,
     )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
@@ -86,6 +87,8 @@ def add_parser(subparsers: Any) -> None:
                    help=f"largest accepted upload in MB of 2**20 bytes (default {DEFAULT_MAX_UPLOAD_MB:g})")
     p.add_argument("--max-pixels", type=parse_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="largest accepted image, as a pixel count N or HxW (default 4096x4096)")
+    p.add_argument("--tile-threshold", type=parse_pixels, default=DEFAULT_TILE_THRESHOLD, metavar="N",
+                   help="images with more pixels are segmented tile by tile at native resolution (default 2048x2048)")
     p.add_argument("--concurrency", type=positive(int), default=1,
                    help="requests processed at once; others wait in the queue (default 1)")
     p.add_argument("--max-queue", type=positive(int), default=32, metavar="N",
