@@ -34,7 +34,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_smoke_report_structure(report: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     assert {"meta", "settings", "roofline", "models", "targets", "gpu"} <= set(report)
     assert report["settings"]["smoke"] is True and report["settings"]["reps"] == 1
-    assert report["meta"]["date"] and "bench" in report["meta"]["command"]
+    assert report["meta"]["date"] and "bench" in report["meta"]["command"] and report["meta"]["wall_s"] > 0
     for dtype in ("fp32", "bf16"):
         assert report["roofline"][dtype]["gflops"] > 0
     assert set(report["models"]) == {"tiny"}

@@ -55,7 +55,7 @@ def format_table(report: dict[str, Any]) -> str:
     meta = report["meta"]
     lines = [
         f"RSRefSeg benchmark  {meta['date']}  torch {meta['torch']}  transformers {meta['transformers']}",
-        f"command: {meta['command']}",
+        f"command: {meta['command']}" + (f"  (suite wall time {meta['wall_s']:.0f} s)" if "wall_s" in meta else ""),
         f"cpu: {meta['cpu']}  cores {meta['cpu_count']}  torch threads {meta['torch_threads']}  "
         f"avx512_bf16 {meta['avx512_bf16']}  amx_bf16 {meta['amx_bf16']}",
         f"load average start {meta['load_average_start']} end {meta.get('load_average_end')}; other processes "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,7 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
     from rsrefseg.bench.timing import CpuMonitor, contention, load_average, machine_info
 
     monitor = CpuMonitor()
+    started = time.perf_counter()
     meta = machine_info(list(argv) if argv is not None else sys.argv)
     report: dict[str, Any] = {"meta": meta, "settings": {"preset": preset, "reps": reps, "warmup": 1,
                                                          "smoke": smoke, "bf16": bf16, "memory": memory,
@@ -164,12 +166,14 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
         report["gpu"] = bench_gpu(preset, reps, log=log)
     meta.update(contention(meta["load_average_start"], load_average(), monitor.stop()["others_cpu_fraction"],
                            torch.get_num_threads()))
+    meta["wall_s"] = time.perf_counter() - started
     _save(report, out)  # the timings are kept even if the agreement step fails
     if agreement is not None:
         from rsrefseg.bench.agreement import precision_agreement
 
         report["agreement"] = precision_agreement(*agreement, precision="bf16", log=log)
         report["targets"]["checks"].append(agreement_check(report["agreement"]))
+        meta["wall_s"] = time.perf_counter() - started
         _save(report, out)
     log(format_table(report))
     return report
