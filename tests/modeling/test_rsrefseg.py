@@ -163,3 +163,11 @@ def test_clip_family_with_learnable_bias(family: str) -> None:
         out = model(tiny_images(2), ["the ship", "the largest harbor"])
     assert out.global_activation.shape == (2, 1, 4, 4)
     assert dual.encode_image(tiny_images(1)).shape == (1, 40, 4, 4)
+    from rsrefseg.modeling.optimize import optimize_for_inference
+
+    info = optimize_for_inference(model, "bf16")  # CLIP towers and projections bf16, head and bias fp32
+    assert "clip.model.visual_projection" in info["cast"] and model.clip.logit_bias.dtype is torch.float32
+    with torch.inference_mode():
+        low = model(tiny_images(2), ["the ship", "the largest harbor"])
+    assert low.mask_logits.dtype is torch.float32 and low.global_activation.dtype is torch.float32
+    assert torch.corrcoef(torch.stack([low.global_activation.flatten(), out.global_activation.flatten()]))[0, 1] > 0.9
