@@ -9,7 +9,9 @@ itself. Here:
 - ``rel_h``/``rel_w`` come from two small batched matmuls (the relative-position tables are
   gathered with a strided view instead of an index);
 - the bias is materialised contiguously for a block of query rows (or windows) at a time, into one
-  reused buffer small enough to stay in cache, and ``scaled_dot_product_attention`` runs per block;
+  reused buffer small enough to stay in cache, and ``scaled_dot_product_attention`` runs per block
+  (in bf16/fp16 on the CPU without gradients: ``baddbmm`` with the bias and scale fused, softmax
+  and ``bmm`` over smaller blocks, as the CPU flash kernel gets no speed-up from bf16);
 - windowed layers run ``qkv`` on the real tokens only and give padding tokens ``qkv(0)``, exactly
   what the padded zeros of the reference produce, and ``proj`` only on the real tokens;
 - without gradients, the MLP's ``Linear + GELU`` runs as one oneDNN op when both layers are plain
