@@ -158,9 +158,9 @@ def test_from_pretrained_precisions_agree(tiny_checkpoint):
             if precision == "fp32":
                 np.testing.assert_allclose(p.logits, r.logits, atol=1e-4)
             else:
-                # random weights with a 1000x sharpened mask head (conftest) amplify bf16 rounding:
-                # logits correlate at ~0.97 here; the trained demo model's agreement is measured
-                # on NWPU val by `rsrefseg bench --agreement` (README)
-                assert np.corrcoef(p.logits.ravel(), r.logits.ravel())[0, 1] > 0.9
+                # bf16 encoders, fp32 head: logits correlate at ~0.9998 even with the 1000x sharpened
+                # random mask head (conftest; all-bf16 weights gave ~0.97); the trained demo model's
+                # mask agreement is measured on NWPU val by `rsrefseg bench --agreement` (README)
+                assert np.corrcoef(p.logits.ravel(), r.logits.ravel())[0, 1] > 0.999
     with pytest.raises(ConfigError, match="precision"):
         Predictor.from_pretrained(tiny_checkpoint, device="cpu", precision="fp8")
