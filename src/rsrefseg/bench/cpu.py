@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from rsrefseg.bench.flops import count_flops
+from rsrefseg.bench.roofline import matmul_probe
 from rsrefseg.bench.timing import CpuMonitor, scaled
 
 #: The expressions of the benchmark (one image, several referring expressions).
@@ -35,20 +36,6 @@ EXPRESSIONS = [
 def seeded_image(size: int, seed: int = 0) -> torch.Tensor:
     """``1 x 3 x size x size`` RGB in [0, 255]."""
     return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255.0
-
-
-def matmul_probe(size: int, dtype: torch.dtype, onednn: bool = False) -> tuple[Callable[[], Any], float]:
-    """A ``size^2`` matmul to run inside the rounds (the roofline under the same conditions).
-
-    ``torch.mm`` (the issue's roofline), or the oneDNN linear that the fast path uses, which is
-    faster than ``torch.mm`` on some CPUs (then the torch.mm "roofline" is not the peak).
-    """
-    gen = torch.Generator().manual_seed(size)
-    a, b = (torch.randn(size, size, generator=gen).to(dtype) for _ in range(2))
-    out = torch.empty(size, size, dtype=dtype)
-    if onednn:
-        return (lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")), 2.0 * size**3 / 1e9
-    return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3 / 1e9
 
 
 def rounds(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,25 +10,32 @@ import torch
 from rsrefseg.bench.timing import time_fn
 
 
-def matmul_gflops(size: int, dtype: torch.dtype, reps: int, device: str = "cpu", onednn: bool = False) -> dict[str, Any]:
-    """Time ``a @ b`` for ``size x size`` matrices (``torch.mm``, or oneDNN's linear); ``2 n^3`` FLOPs."""
+def matmul_probe(size: int, dtype: torch.dtype, onednn: bool = False,
+                 device: str = "cpu") -> tuple[Callable[[], Any], float]:
+    """``(fn, GFLOP)``: a ``size x size`` matmul, ``torch.mm`` or oneDNN's linear (``2 n^3`` FLOPs).
+
+    ``torch.mm`` is the issue's roofline; oneDNN's linear, which the fast path uses, is faster than
+    ``torch.mm`` on some CPUs (then the ``torch.mm`` "roofline" is not the peak). The suite also
+    runs these inside its timing rounds, so that stages are held against the roofline measured
+    under the same conditions.
+    """
     gen = torch.Generator(device="cpu").manual_seed(size)
-    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    a, b = (torch.randn(size, size, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
     out = torch.empty(size, size, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else None
     if onednn:
-        def fn() -> Any:
-            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    else:
-        def fn() -> Any:
-            return torch.mm(a, b, out=out)
+        return (lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")), 2.0 * size**3 / 1e9
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * size**3 / 1e9
+
+
+def matmul_gflops(size: int, dtype: torch.dtype, reps: int, device: str = "cpu", onednn: bool = False) -> dict[str, Any]:
+    """Time :func:`matmul_probe`: min/median seconds and GFLOP/s."""
+    fn, gflop = matmul_probe(size, dtype, onednn, device)
+    sync = torch.cuda.synchronize if device == "cuda" else None
     with torch.inference_mode():
         timing = time_fn(fn, reps=reps, warmup=1, sync=sync)
-    flops = 2.0 * size**3
-    timing["gflop"] = flops / 1e9
-    timing["gflops_at_min"] = flops / timing["min_s"] / 1e9
-    timing["gflops_at_median"] = flops / timing["median_s"] / 1e9
+    timing["gflop"] = gflop
+    timing["gflops_at_min"] = gflop / timing["min_s"]
+    timing["gflops_at_median"] = gflop / timing["median_s"]
     return timing
 
 
