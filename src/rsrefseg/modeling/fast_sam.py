@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer
 
+from rsrefseg.modeling.fast_attention import use_math_path
+
 #: Bytes of attention bias materialised at once on the CPU: one head's block of query rows (or a
 #: group of windows), at least :data:`MIN_BLOCK_QUERIES` queries (the CPU attention kernel's large
 #: tile). For ViT-B at 1024^2, 2 threads: 32 MiB (2048 queries) 0.50 s per global layer, 16 MiB
@@ -118,12 +120,11 @@ def attention_with_rel_pos(
     rel_w = torch.matmul(q5.permute(3, 0, 1, 2, 4).reshape(width, -1, d), table_w.transpose(1, 2))
     rel_w = rel_w.view(width, b, heads, height, width).permute(1, 2, 3, 0, 4).contiguous()  # b x n x h x w x w
     grad = torch.is_grad_enabled() and (query.requires_grad or rel_pos_h.requires_grad or rel_pos_w.requires_grad)
-    cpu = query.device.type == "cpu"
-    math = cpu and query.dtype in (torch.bfloat16, torch.float16) and not grad and dropout == 0.0
+    math = use_math_path(query, dropout) and not grad
     if math:
         bs, hs, rs = _block_shape(b, heads, height, width, query.element_size(), MATH_BLOCK_BYTES, 1)
     else:
-        budget = BIAS_BLOCK_BYTES if cpu else DEVICE_BIAS_BLOCK_BYTES
+        budget = BIAS_BLOCK_BYTES if query.device.type == "cpu" else DEVICE_BIAS_BLOCK_BYTES
         bs, hs, rs = _block_shape(b, heads, height, width, query.element_size(), budget, MIN_BLOCK_QUERIES)
     buffer = None if grad else query.new_empty(bs, hs, rs, width, height, width)
     out_rows = out.view(b, height, width, heads, d)
