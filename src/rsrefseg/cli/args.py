@@ -40,6 +40,11 @@ def add_model_args(p: argparse.ArgumentParser, device_help: str) -> None:
     """``--checkpoint``, ``--device`` and ``--precision`` (inference on the optimised model)."""
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="trained checkpoint directory")
     p.add_argument("--device", help=device_help)
+    add_precision_arg(p)
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    """``--precision fp32|bf16`` of the model prepared by ``optimize_for_inference``."""
     p.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
                    help="weights and activations: fp32 (default) or bf16 (faster on CPUs with AVX-512 BF16/AMX "
                         "and on GPUs; see the README for measured speed and agreement)")

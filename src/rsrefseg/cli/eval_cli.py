@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from rsrefseg.cli.args import PRECISION_NAMES
+from rsrefseg.cli.args import add_precision_arg
 
 
 def _dataset(jsonl: str, images: str, split: str | None, size: int, mode: str, skip_bad: bool,
@@ -132,6 +132,5 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unusable records instead of failing")
     p.add_argument("--clip", default=None, help="replace the checkpoint's CLIP/SigLIP base id (local copy)")
     p.add_argument("--sam", default=None, help="replace the checkpoint's SAM base id (local copy)")
-    p.add_argument("--precision", choices=PRECISION_NAMES, default="fp32",
-                   help="fp32 (default) or bf16 weights and activations for the evaluated model")
+    add_precision_arg(p)
     p.set_defaults(func=_eval)
