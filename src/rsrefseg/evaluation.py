@@ -194,6 +194,33 @@ class SwappedTextView(Dataset[dict[str, Any]]):
         return item
 
 
+def swap_control(
+    model: Any,
+    swapped: SwappedTextView,
+    true_rows: Sequence[EvalRow],
+    batch_size: int = 8,
+    accelerator: Any | None = None,
+    num_workers: int = 0,
+    strict: bool = False,
+    progress: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Does the model read the text? Its metrics with swapped expressions next to the true ones.
+
+    Args:
+        swapped: :class:`SwappedTextView` of the evaluated dataset.
+        true_rows: The rows of the same model on the true expressions (:attr:`EvalResult.rows`).
+
+    Returns:
+        ``{"true_expressions": ..., "swapped_expressions": ...}``: metrics over the swappable samples
+        only, with their own expressions and with the swapped ones.
+    """
+    control = evaluate(model, swapped, batch_size, accelerator, num_workers, strict=strict, progress=progress,
+                       desc="swapped")
+    subset = {index for index, _ in swapped.pairs}
+    same = summarize_rows([r for r in true_rows if r.index in subset], strict=strict)[0]
+    return {"true_expressions": same, "swapped_expressions": control.metrics}
+
+
 def _segmentation_key(record: Any) -> str:
     import json
 

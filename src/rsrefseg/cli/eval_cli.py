@@ -64,10 +64,10 @@ def _eval(args: argparse.Namespace) -> int:
                       progress=True, keep=keep, desc="eval")
     control = None
     if args.swap_control:
-        from rsrefseg.evaluation import SwappedTextView
+        from rsrefseg.evaluation import SwappedTextView, swap_control
 
-        control = evaluate(model, SwappedTextView(dataset), args.batch_size, accelerator, args.num_workers,
-                           strict=args.strict_pr, progress=True, desc="swapped")
+        control = swap_control(model, SwappedTextView(dataset), result.rows, args.batch_size, accelerator,
+                               args.num_workers, strict=args.strict_pr, progress=True)
     if not accelerator.is_main_process:
         return 0
     payload: dict[str, Any] = {"checkpoint": str(args.checkpoint), "precision": args.precision, "data": str(args.data),
@@ -86,13 +86,9 @@ def _eval(args: argparse.Namespace) -> int:
             table["baseline: best fixed box (fit on train)"] = baselines["fixed_box"]
         print("\n" + markdown_table(table))
     if control is not None:
-        subset = {r.index for r in control.rows}
-        from rsrefseg.evaluation import summarize_rows
-
-        same = summarize_rows([r for r in result.rows if r.index in subset], strict=args.strict_pr)[0]
-        payload["swap_control"] = {"true_expressions": same, "swapped_expressions": control.metrics}
-        print("\n" + markdown_table({"true expressions (swappable samples)": same,
-                                     "expression swapped within the image": control.metrics}))
+        payload["swap_control"] = control
+        print("\n" + markdown_table({"true expressions (swappable samples)": control["true_expressions"],
+                                     "expression swapped within the image": control["swapped_expressions"]}))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -132,7 +132,7 @@ def write_final_report(config: TrainConfig, net: Any, accelerator: Any, state: A
                        train_base: Any, val_base: Any, val_ds: Any, ckpt_root: Path) -> dict[str, Any]:
     """``<work_dir>/report``: metrics table with baselines, curves, overlays (best weights). Main process."""
     from rsrefseg.checkpoint import load_into
-    from rsrefseg.evaluation import SwappedTextView, evaluate, evaluate_baselines, summarize_rows
+    from rsrefseg.evaluation import SwappedTextView, evaluate, evaluate_baselines, swap_control
     from rsrefseg.metrics import format_table
     from rsrefseg.training.report import markdown_table, write_report
 
@@ -156,11 +156,9 @@ def write_final_report(config: TrainConfig, net: Any, accelerator: Any, state: A
     if best is not None and len(swapped) > 0:
         # Control: each expression swapped for one of the same image that refers to another target.
         # The same numbers as with the true expressions = the model ignores the text.
-        subset = {index for index, _ in swapped.pairs}
-        true_rows = [r for r in evaluate(net, val_ds, config.val_batch_size).rows if r.index in subset]
-        rows["control: best, true expressions (swappable samples)"] = summarize_rows(true_rows)[0]
-        rows["control: best, expression swapped within the image"] = evaluate(
-            net, swapped, config.val_batch_size).metrics
+        control = swap_control(net, swapped, evaluate(net, val_ds, config.val_batch_size).rows, config.val_batch_size)
+        rows["control: best, true expressions (swappable samples)"] = control["true_expressions"]
+        rows["control: best, expression swapped within the image"] = control["swapped_expressions"]
     if config.report_overlays > 0:
         _overlays(net, val_base, report_dir / "overlays", config.report_overlays, accelerator.device)
     info = {
