@@ -104,6 +104,11 @@ class _Loaded:
     width: int
     tiled: bool = False  # segmented tile by tile on each run (features are not cached)
 
+    @property
+    def bands(self) -> tuple[int, ...] | None:
+        """The parsed band choice (part of the cache key)."""
+        return self.key[3]
+
 
 def parse_expressions(text: str | None, max_expressions: int = DEFAULT_MAX_EXPRESSIONS) -> list[str]:
     """One expression per non-blank line (whitespace collapsed).
@@ -278,8 +283,8 @@ class DemoService:
         with self._lock:
             loaded = self._load(source, bands)
             logit = math.log(threshold / (1 - threshold))
-            if loaded.tiled:  # tile by tile at native resolution; the key holds the parsed bands
-                predictions = self.predictor.predict_scene(source, expressions, bands=loaded.key[3], threshold=logit,
+            if loaded.tiled:  # tile by tile at native resolution
+                predictions = self.predictor.predict_scene(source, expressions, bands=loaded.bands, threshold=logit,
                                                            heatmap=True).predictions
                 self.encodes += 1
             else:
