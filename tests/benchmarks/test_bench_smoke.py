@@ -50,7 +50,9 @@ def test_smoke_report_structure(report: dict[str, Any], capsys: pytest.CaptureFi
     assert PIPELINE <= set(tiny["pipeline"])
     for key in PIPELINE:
         _positive_timing(tiny["pipeline"][key])
-    assert all(v > 0 for v in tiny["pipeline"]["ratios"].values())
+    ratios = tiny["pipeline"]["ratios"]
+    assert all(v > 0 for v in ratios.values())
+    assert {"bf16_speedup_first_min", "bf16_gemm_ceiling_min", "bf16_gemm_ceiling_median"} <= set(ratios)
     assert tiny["fast_sam"]["max_abs_diff_vs_hf"] < 1e-3
     mem = tiny["memory"]
     assert "error" not in mem, mem
@@ -58,6 +60,8 @@ def test_smoke_report_structure(report: dict[str, Any], capsys: pytest.CaptureFi
         assert mem[key] > 0
     checks = report["targets"]["checks"]
     assert len(checks) == 5 and all(c["value"] is not None and c["value"] > 0 for c in checks)
+    bf16_check = next(c for c in checks if c["name"].startswith("bf16 CPU path"))
+    assert bf16_check["gemm_ceiling"] == ratios["bf16_gemm_ceiling_min"]
     assert report["gpu"]["status"]
 
 

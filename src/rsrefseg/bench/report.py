@@ -92,6 +92,9 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"  bf16 speed-up first {r['bf16_speedup_first_min']:.2f}/{r['bf16_speedup_first_median']:.2f}x, "
                          f"further batched {r['bf16_speedup_further_batched_min']:.2f}x; mask IoU vs fp32 (random weights) "
                          f"{agree['mask_iou']:.3f}")
+            if "bf16_gemm_ceiling_min" in r:
+                lines.append(f"  bf16 GEMM ceiling (oneDNN bf16 / fp32 GFLOP/s, same rounds) "
+                             f"{r['bf16_gemm_ceiling_min']:.2f}/{r['bf16_gemm_ceiling_median']:.2f}x")
         mem = m.get("memory")
         if mem and "error" not in mem:
             gib = 2**30
@@ -108,6 +111,7 @@ def format_table(report: dict[str, Any]) -> str:
         for c in targets["checks"]:
             met = {True: "MET", False: "NOT MET", None: "n/a"}[c["met"]]
             extra = f"  [vs best roofline {c['vs_best_roofline']:.3f}]" if c.get("vs_best_roofline") else ""
+            extra += f"  [bf16 GEMM ceiling {c['gemm_ceiling']:.2f}x]" if c.get("gemm_ceiling") else ""
             lines.append(f"  {c['name']:<64}{_f(c['value']):>8} ({_f(c.get('median'))}) {c['target']:>9}  {met}{extra}")
     agreement = report.get("agreement")
     if agreement:
