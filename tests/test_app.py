@@ -219,8 +219,9 @@ def test_build_app_with_a_predictor(predictor: Any) -> None:
     queue = getattr(demo, "_queue", None)
     if queue is not None:  # Gradio internals: checked when present
         assert queue.max_size == 3 and queue.default_concurrency_limit == 2
-    with pytest.raises(ConfigError):
-        build_app(predictor, concurrency=0)
+    for bad in ({"concurrency": 0}, {"tile_cache_mb": -1.0}):
+        with pytest.raises(ConfigError):
+            build_app(predictor, **bad)
 
 
 def test_import_has_no_side_effects() -> None:
@@ -236,12 +237,14 @@ def test_serve_arguments() -> None:
 
     parser = build_parser()
     args = parser.parse_args(["serve", "--checkpoint", "ckpt", "--max-pixels", "100x200", "--port", "8000",
-                              "--max-upload-mb", "2.5", "--concurrency", "3"])
-    assert (args.checkpoint, args.host, args.port, args.max_pixels, args.max_upload_mb, args.concurrency) == (
-        "ckpt", "127.0.0.1", 8000, 20_000, 2.5, 3)
+                              "--max-upload-mb", "2.5", "--concurrency", "3", "--tile-cache-mb", "0"])
+    assert (args.checkpoint, args.host, args.port, args.max_pixels, args.max_upload_mb, args.concurrency,
+            args.tile_cache_mb) == ("ckpt", "127.0.0.1", 8000, 20_000, 2.5, 3, 0.0)
     defaults = parser.parse_args(["serve", "--checkpoint", "ckpt"])
-    assert (defaults.port, defaults.max_upload_mb, defaults.max_pixels, defaults.concurrency) == (7860, 50.0, 4096**2, 1)
-    for bad in (["--port", "0"], ["--max-pixels", "0"], ["--max-upload-mb", "-1"], ["--concurrency", "0"]):
+    assert (defaults.port, defaults.max_upload_mb, defaults.max_pixels, defaults.concurrency,
+            defaults.tile_cache_mb) == (7860, 50.0, 4096**2, 1, 2048.0)
+    for bad in (["--port", "0"], ["--max-pixels", "0"], ["--max-upload-mb", "-1"], ["--concurrency", "0"],
+                ["--tile-cache-mb", "-1"], ["--tile-cache-mb", "x"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", "--checkpoint", "ckpt", *bad])
 
@@ -273,8 +276,8 @@ def test_band_choice_reencodes_and_bad_bands_are_one_line(service: DemoService, 
 
 
 def test_large_upload_is_tiled(predictor: Any, tmp_path: Path) -> None:
-    """Above tile_threshold the run goes tile by tile at native resolution, features are not cached,
-    and masks/heatmaps/GeoJSON still cover the whole scene (nodata excluded)."""
+    """Above tile_threshold the run goes tile by tile at native resolution, the encoded windows are
+    reused by the next run, and masks/heatmaps/GeoJSON still cover the whole scene (nodata excluded)."""
     service = DemoService(predictor, Limits(max_pixels=200 * 200, tile_threshold=40 * 40), workdir=tmp_path / "w")
     tif = _geotiff(tmp_path / "scene.tif", height=90, width=300 // 2)  # 150 x 90 > 40 x 40: tiled
     service.load(tif)
@@ -287,5 +290,14 @@ def test_large_upload_is_tiled(predictor: Any, tmp_path: Path) -> None:
     with Image.open(result.downloads[1]) as png:
         mask = np.asarray(png)
     assert mask.shape == (90, 150) and not mask[:4, :4].any()
-    service.run(tif, "the ship")  # tiled runs re-encode every time (tile features are not cached)
-    assert service.encodes == 2
+    tiles = service.encoded_tiles
+    assert tiles >= 1 and "already encoded: 0)" in result.summary
+    again = service.run(tif, "the ship\nthe building")  # new expressions: the windows are not encoded again
+    assert service.encodes == 1 and service.encoded_tiles == tiles
+    assert f"already encoded: {tiles})" in again.summary
+    assert again.records[1]["mask_pixels"] == result.records[0]["mask_pixels"]  # same expression, same mask
+    small = DemoService(predictor, Limits(max_pixels=200 * 200, tile_threshold=40 * 40, tile_cache_mb=0),
+                        workdir=tmp_path / "w0")
+    small.run(tif, "the ship")
+    small.run(tif, "the ship")  # no cache budget: every run encodes the windows
+    assert small.encodes == 2 and small.encoded_tiles == 2 * tiles

@@ -6,6 +6,10 @@
 - the model is loaded **once** (a :class:`~rsrefseg.inference.predictor.Predictor`) and shared by
   every request; a lock serialises model use, and the encoder runs **once per uploaded image**
   (on upload, or on the first run for that file), every expression is decoded on the cached features;
+- uploads above the tile threshold are segmented tile by tile at native resolution: the file stays
+  open (read window by window, the preview from a downsampled read), and the encoded windows are
+  kept in a :class:`~rsrefseg.inference.scene.TileCache` (up to ``Limits.tile_cache_mb``), so the
+  next run with new expressions decodes only;
 - uploads are read with :func:`rsrefseg.data.imageio.read_image`, so GeoTIFFs (16-bit, float,
   multiband, nodata) work; their size (MB) and dimensions (pixels) are checked first, from the
   file header, and a violation raises :class:`~rsrefseg.errors.DataError` naming the file and the
@@ -42,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from rsrefseg.inference.geo import GeoReference
     from rsrefseg.inference.predictor import Predictor
+    from rsrefseg.inference.scene import ScenePrediction, SceneSource, TileCache
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_MB", "DemoResult", "DemoService", "Limits", "build_app",
            "check_upload", "make_handlers", "parse_expressions"]
@@ -56,6 +61,8 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_EXPRESSIONS = 16
 #: Same as ``rsrefseg predict``'s default ``--tile-threshold``.
 DEFAULT_TILE_THRESHOLD = 2048 * 2048
+#: Encoded windows of a tiled upload kept between runs (MB; about 7.5 MB per window of the full presets).
+DEFAULT_TILE_CACHE_MB = 2048.0
 #: Longest side of the previews, overlays and heatmaps shown in the page (masks stay full size).
 PREVIEW_MAX_SIDE = 1024
 #: File types offered by the upload dialog.
@@ -72,6 +79,8 @@ class Limits:
     #: Images with more pixels are segmented tile by tile at native resolution (as ``rsrefseg
     #: predict --tile-threshold``), so small objects of a large scene are not lost in one resize.
     tile_threshold: int = DEFAULT_TILE_THRESHOLD
+    #: Encoded windows of the current tiled upload kept for the next run, in MB (0: re-encode every run).
+    tile_cache_mb: float = DEFAULT_TILE_CACHE_MB
 
 
 @dataclass
@@ -95,14 +104,26 @@ class DemoResult:
 
 @dataclass
 class _Loaded:
-    """The current upload: its preview, georeferencing and (when not tiled) cached features."""
+    """The current upload: its preview, georeferencing, and for a tiled upload the open scene."""
 
     key: tuple[str, int, int, tuple[int, ...] | None]
     preview: np.ndarray  # h x w x 3 uint8, longest side <= PREVIEW_MAX_SIDE
     georef: GeoReference | None
     height: int
     width: int
-    tiled: bool = False  # segmented tile by tile on each run (features are not cached)
+    scene: SceneSource | None = None  # a tiled upload, kept open and read window by window
+    tiles: TileCache | None = None  # its encoded windows, reused by the next run
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the upload is segmented tile by tile (features are then in ``tiles``)."""
+        return self.scene is not None
+
+    def close(self) -> None:
+        """Release the open scene file and the cached windows."""
+        if self.scene is not None:
+            self.scene.close()
+        self.scene = self.tiles = None
 
     @property
     def bands(self) -> tuple[int, ...] | None:
@@ -166,9 +187,13 @@ def _safe_stem(path: Path) -> str:
     return re.sub(r"[^\w.-]+", "_", path.stem).strip("._") or "image"
 
 
-def _markdown_table(name: str, loaded: _Loaded, records: list[dict[str, Any]], seconds: float) -> str:
+def _markdown_table(name: str, loaded: _Loaded, records: list[dict[str, Any]], seconds: float,
+                    scene: ScenePrediction | None = None) -> str:
     geo = "georeferenced" if loaded.georef is not None else "not georeferenced (no GeoJSON)"
-    tiled = ", segmented tile by tile at native resolution" if loaded.tiled else ""
+    tiled = ""
+    if scene is not None:
+        tiled = (f", segmented tile by tile at native resolution (windows: {scene.tiles}, without valid "
+                 f"pixels: {scene.skipped_tiles}, already encoded: {scene.cached_tiles})")
     lines = [
         f"**{name}**: {loaded.width} x {loaded.height} px, {geo}{tiled}; {len(records)} expression(s) in "
         f"{seconds:.1f} s",
@@ -210,7 +235,8 @@ class DemoService:
         self._keep_runs = max(1, keep_runs)
         self._lock = threading.Lock()
         self._loaded: _Loaded | None = None
-        self.encodes = 0  # image encodings: one per distinct upload, or one per run of a tiled upload
+        self.encodes = 0  # image encodings: one per distinct upload, one per tiled run that encodes windows
+        self.encoded_tiles = 0  # windows of tiled uploads encoded so far
 
     def _load(self, path: Path, bands: str | None = None) -> _Loaded:
         """Check limits and make sure the predictor holds ``path``'s features; call with the lock held.
@@ -219,6 +245,7 @@ class DemoService:
         """
         from rsrefseg.data.imageio import parse_bands, read_image
         from rsrefseg.inference.geo import read_georeference
+        from rsrefseg.inference.scene import TileCache, open_scene
         from rsrefseg.inference.tiling import should_tile
 
         if not path.is_file():
@@ -232,17 +259,27 @@ class DemoService:
         loaded = self._loaded
         if loaded is not None and loaded.key == key and (loaded.tiled or self.predictor.is_image_set):
             return loaded
-        check_upload(path, self.limits)
-        raster = read_image(path, bands=chosen)
-        georef = read_georeference(path) if raster.transform is not None else None
-        tiled = should_tile(raster.height, raster.width, self.limits.tile_threshold)
-        if tiled:
+        height, width = check_upload(path, self.limits)
+        if should_tile(height, width, self.limits.tile_threshold):
+            scene = open_scene(path, bands=chosen)  # streams the stretch statistics, keeps the file open
+            try:
+                preview, _ = scene.preview(PREVIEW_MAX_SIDE)
+            except BaseException:
+                scene.close()
+                raise
+            tiles = TileCache(int(self.limits.tile_cache_mb * 2**20))
+            new = _Loaded(key, preview, scene.georef, scene.height, scene.width, scene, tiles)
             self.predictor.reset_image()
         else:
+            raster = read_image(path, bands=chosen)
+            georef = read_georeference(path) if raster.transform is not None else None
             self.predictor.set_image(raster)
             self.encodes += 1
-        self._loaded = _Loaded(key, _preview(raster.rgb), georef, raster.height, raster.width, tiled)
-        return self._loaded
+            new = _Loaded(key, _preview(raster.rgb), georef, raster.height, raster.width)
+        if loaded is not None:  # only now: a failed upload leaves the previous one usable
+            loaded.close()
+        self._loaded = new
+        return new
 
     def load(self, path: str | os.PathLike[str], bands: str | None = None) -> np.ndarray:
         """Check and encode an uploaded image (``bands`` as in :meth:`run`); return its preview
@@ -274,6 +311,7 @@ class DemoService:
             DataError / ConfigError: a limit is exceeded, the file cannot be read, no expression.
         """
         from rsrefseg.inference.outputs import expression_names, write_prediction_outputs
+        from rsrefseg.inference.scene import predict_scene
 
         source = Path(path)
         expressions = parse_expressions(text, self.limits.max_expressions)
@@ -283,10 +321,13 @@ class DemoService:
         with self._lock:
             loaded = self._load(source, bands)
             logit = math.log(threshold / (1 - threshold))
-            if loaded.tiled:  # tile by tile at native resolution
-                predictions = self.predictor.predict_scene(source, expressions, bands=loaded.bands, threshold=logit,
-                                                           heatmap=True).predictions
-                self.encodes += 1
+            scene = None
+            if loaded.scene is not None:  # tile by tile at native resolution, encoded windows reused
+                scene = predict_scene(self.predictor, loaded.scene, expressions, threshold=logit, heatmap=True,
+                                      cache=loaded.tiles)
+                predictions = scene.predictions
+                self.encodes += scene.encoded_tiles > 0
+                self.encoded_tiles += scene.encoded_tiles
             else:
                 predictions = self.predictor.predict(expressions, threshold=logit)
             run_dir = self._new_run_dir()
@@ -308,7 +349,7 @@ class DemoService:
         overlays = [
             (str(folder / r["overlay_png"]), f"{r['expression']} (score {r['score']:.2f})") for r in records
         ]
-        summary = _markdown_table(source.name, loaded, records, time.perf_counter() - start)
+        summary = _markdown_table(source.name, loaded, records, time.perf_counter() - start, scene)
         return DemoResult(overlays, heatmaps, downloads, summary, records)
 
 
@@ -359,6 +400,7 @@ def build_app(
     device: str | None = None,
     precision: str = "fp32",
     tile_threshold: int = DEFAULT_TILE_THRESHOLD,
+    tile_cache_mb: float = DEFAULT_TILE_CACHE_MB,
 ) -> gradio.Blocks:
     """Build the demo page (the model is loaded here, once, when given a checkpoint directory).
 
@@ -372,6 +414,7 @@ def build_app(
         device: Device for a checkpoint loaded here (``None``: CUDA when available).
         precision: ``"fp32"`` or ``"bf16"`` for a checkpoint loaded here.
         tile_threshold: Images with more pixels are segmented tile by tile at native resolution.
+        tile_cache_mb: Encoded windows of the current tiled upload kept for the next run (MB).
 
     Returns:
         The ``gradio.Blocks``, queue configured; call ``.launch()`` on it.
@@ -383,11 +426,13 @@ def build_app(
 
     if concurrency < 1 or max_queue < 1 or max_upload_mb <= 0 or max_pixels < 1 or tile_threshold < 1:
         raise ConfigError("concurrency, max_queue, max_upload_mb, max_pixels and tile_threshold must be positive")
+    if tile_cache_mb < 0:
+        raise ConfigError(f"tile_cache_mb must be >= 0, got {tile_cache_mb:g}")
     if isinstance(predictor_or_checkpoint, Predictor):
         predictor = predictor_or_checkpoint
     else:
         predictor = Predictor.from_pretrained(predictor_or_checkpoint, device=device, precision=precision)
-    service = DemoService(predictor, Limits(max_upload_mb, max_pixels, max_expressions, tile_threshold))
+    service = DemoService(predictor, Limits(max_upload_mb, max_pixels, max_expressions, tile_threshold, tile_cache_mb))
     on_upload, on_run = make_handlers(service)
 
     limits_text = (

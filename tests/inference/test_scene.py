@@ -18,6 +18,7 @@ from rsrefseg.inference.scene import (
     EMPTY_TILE_LOGIT,
     ArraySource,
     RasterioSource,
+    TileCache,
     open_scene,
     predict_scene,
 )
@@ -156,6 +157,72 @@ def test_tiles_take_the_maximum_of_overlapping_windows(predictor):
         expected[box.slices] = np.maximum(expected[box.slices], tile_logits)
     # Equal up to float32 noise (the random tiny model amplifies last-bit differences of kernels).
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+
+
+class _CountingSource(ArraySource):
+    """An in-memory scene that counts window reads."""
+
+    reads = 0
+
+    def read(self, box: TileBox) -> tuple[np.ndarray, np.ndarray]:
+        self.reads += 1
+        return super().read(box)
+
+
+def _scene_with_nodata() -> _CountingSource:
+    rgb = np.random.default_rng(7).integers(0, 256, size=(200, 260, 3), dtype=np.uint8)
+    valid = np.ones((200, 260), dtype=bool)
+    valid[:100, :130] = False  # the top-left window has no valid pixel
+    return _CountingSource(as_raster_image(rgb, None, valid))
+
+
+def test_tile_cache_decodes_new_expressions_without_reading_or_encoding(predictor, monkeypatch):
+    source = _scene_with_nodata()
+    uncached = predict_scene(predictor, source, ["the roof", "a road"], tile=100, overlap=0, heatmap=True)
+    encodes = [0]
+    original = predictor.model.encode_image
+
+    def counting(pixels):
+        encodes[0] += 1
+        return original(pixels)
+
+    monkeypatch.setattr(predictor.model, "encode_image", counting)
+    cache, reads = TileCache(), source.reads
+    first = predict_scene(predictor, source, ["the roof"], tile=100, overlap=0, heatmap=True, cache=cache)
+    assert first.tiles == 6 and first.skipped_tiles == 1 and first.encoded_tiles == 5 and first.cached_tiles == 0
+    assert encodes[0] == 5 and source.reads - reads == 6 and len(cache.tiles) == 6 and cache.tiles[TileBox(0, 0, 100, 100)] is None
+    assert cache.nbytes == sum(e.nbytes for e in cache.tiles.values() if e is not None) > 0
+    reads = source.reads
+    second = predict_scene(predictor, source, ["the roof", "a road"], tile=100, overlap=0, heatmap=True, cache=cache)
+    assert encodes[0] == 5 and source.reads == reads  # nothing read, nothing encoded
+    assert second.encoded_tiles == 0 and second.cached_tiles == 5 and second.skipped_tiles == 1
+    np.testing.assert_array_equal(second.valid, uncached.valid)
+    for a, b in zip(uncached.predictions, second.predictions):
+        np.testing.assert_array_equal(a.logits, b.logits)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_array_equal(a.heatmap, b.heatmap)
+        assert a.score == b.score and a.predicted_iou == b.predicted_iou
+    predict_scene(predictor, source, ["the roof"], tile=120, overlap=0, cache=cache)  # another tiling: rebuilt
+    assert encodes[0] == 5 + 6 and len(cache.tiles) == 6 and all(box.height == 120 for box in cache.tiles)
+
+
+def test_tile_cache_budget_and_predictor_state(predictor):
+    source = _scene_with_nodata()
+    one = predictor.encode(np.zeros((100, 100, 3), dtype=np.uint8)).nbytes
+    cache = TileCache(max_bytes=2 * one)
+    first = predict_scene(predictor, source, ["x"], tile=100, overlap=0, cache=cache)
+    assert first.encoded_tiles == 5 and cache.nbytes == 2 * one and len(cache.tiles) == 3  # 2 windows + the empty one
+    second = predict_scene(predictor, source, ["x"], tile=100, overlap=0, cache=cache)
+    assert second.cached_tiles == 2 and second.encoded_tiles == 3 and second.skipped_tiles == 1
+    # predict_scene leaves the predictor's own image alone
+    rgb = np.full((50, 60, 3), 9, dtype=np.uint8)
+    predictor.set_image(rgb)
+    before = predictor.features.sam.clone()
+    predict_scene(predictor, source, ["x"], tile=100, overlap=0)
+    assert predictor.is_image_set and predictor.image.rgb.shape == (50, 60, 3)
+    assert torch.equal(predictor.features.sam, before)
+    with pytest.raises(ValueError):
+        TileCache(max_bytes=-1)
 
 
 @pytest.mark.slow

@@ -21,16 +21,17 @@ def parse_pixels(text: str) -> int:
     return math.prod(parts)
 
 
-def positive(kind: type) -> Any:
-    """An argparse type: ``kind(text)`` that must be > 0."""
+def positive(kind: type, zero: bool = False) -> Any:
+    """An argparse type: ``kind(text)`` that must be > 0 (>= 0 with ``zero=True``)."""
+    wanted = "a number >= 0" if zero else "a positive number"
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if not (value >= 0 if zero else value > 0):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
         return value
 
     return parse

@@ -16,7 +16,12 @@ import signal
 import threading
 from typing import Any
 
-from rsrefseg.app import DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_MB, DEFAULT_TILE_THRESHOLD
+from rsrefseg.app import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_TILE_CACHE_MB,
+    DEFAULT_TILE_THRESHOLD,
+)
 from rsrefseg.cli.args import add_model_args, parse_pixels, positive
 from rsrefseg.errors import ConfigError
 
@@ -54,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         tile_threshold=args.tile_threshold,
+        tile_cache_mb=args.tile_cache_mb,
     )
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
@@ -89,6 +95,9 @@ def add_parser(subparsers: Any) -> None:
                    help="largest accepted image, as a pixel count N or HxW (default 4096x4096)")
     p.add_argument("--tile-threshold", type=parse_pixels, default=DEFAULT_TILE_THRESHOLD, metavar="N",
                    help="images with more pixels are segmented tile by tile at native resolution (default 2048x2048)")
+    p.add_argument("--tile-cache-mb", type=positive(float, zero=True), default=DEFAULT_TILE_CACHE_MB, metavar="MB",
+                   help="encoded windows of the current tiled upload kept for the next run, so new expressions "
+                        f"only decode (default {DEFAULT_TILE_CACHE_MB:g}; 0 re-encodes every run)")
     p.add_argument("--concurrency", type=positive(int), default=1,
                    help="requests processed at once; others wait in the queue (default 1)")
     p.add_argument("--max-queue", type=positive(int), default=32, metavar="N",

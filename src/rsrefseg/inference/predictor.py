@@ -39,7 +39,8 @@ from rsrefseg.data.transforms import ResizeMeta, logits_to_original, resize_imag
 from rsrefseg.errors import ConfigError
 from rsrefseg.modeling.rsrefseg import ImageFeatures, RSRefSeg, TextFeatures
 
-__all__ = ["BatchLogits", "ImageInput", "Prediction", "Predictor", "as_raster_image", "check_expressions", "mask_score"]
+__all__ = ["BatchLogits", "EncodedImage", "ImageInput", "Prediction", "Predictor", "as_raster_image",
+           "check_expressions", "mask_score"]
 
 #: What :meth:`Predictor.set_image` accepts: a file path, a read image, or an ``H x W x 3`` uint8 array.
 ImageInput = str | os.PathLike[str] | RasterImage | np.ndarray
@@ -69,6 +70,26 @@ class Prediction:
     def area_pixels(self) -> int:
         """Number of mask pixels."""
         return int(self.mask.sum())
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """What decoding an image needs: its cached encoder features, how it was resized, its validity.
+
+    Attributes:
+        features: ``1 x ...`` :class:`ImageFeatures` on the model's device.
+        meta: How the ``H x W`` image was brought to the ``S x S`` model input.
+        valid: ``H x W`` bool validity (False on nodata).
+    """
+
+    features: ImageFeatures
+    meta: ResizeMeta
+    valid: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the two feature maps and the validity mask."""
+        return int(self.features.sam.nbytes + self.features.clip.nbytes + self.valid.nbytes)
 
 
 @dataclass
@@ -157,8 +178,7 @@ class Predictor:
         self.model = model.eval()
         self.size: int = int(model.config.sam_image_size)
         self.resize_mode: str = model.config.resize_mode
-        self._features: ImageFeatures | None = None
-        self._meta: ResizeMeta | None = None
+        self._encoded: EncodedImage | None = None
         self._image: RasterImage | None = None
 
     @classmethod
@@ -201,7 +221,7 @@ class Predictor:
     @property
     def is_image_set(self) -> bool:
         """Whether :meth:`set_image` has cached features."""
-        return self._features is not None
+        return self._encoded is not None
 
     @property
     def image(self) -> RasterImage:
@@ -211,15 +231,20 @@ class Predictor:
         return self._image
 
     @property
+    def encoded(self) -> EncodedImage:
+        """The current image's :class:`EncodedImage` (features, resize, validity)."""
+        if self._encoded is None:
+            raise RuntimeError("no image set; call set_image() first")
+        return self._encoded
+
+    @property
     def features(self) -> ImageFeatures:
         """The cached ``1 x ...`` image features of the current image."""
-        if self._features is None:
-            raise RuntimeError("no image set; call set_image() first")
-        return self._features
+        return self.encoded.features
 
     def reset_image(self) -> None:
         """Drop the cached image and features."""
-        self._features = self._meta = self._image = None
+        self._encoded = self._image = None
 
     # ------------------------------------------------------------------ encoding
     @torch.inference_mode()
@@ -238,11 +263,18 @@ class Predictor:
             valid: ``H x W`` bool validity for array inputs (default: all valid).
         """
         raster = as_raster_image(image, bands, valid)
+        self._encoded = self.encode(raster)
+        self._image = raster
+
+    @torch.inference_mode()
+    def encode(self, image: ImageInput, bands: tuple[int, ...] | None = None,
+               valid: np.ndarray | None = None) -> EncodedImage:
+        """Run the image encoders on an image without touching the current one (arguments as
+        :meth:`set_image`); decode on the result with :meth:`iter_logits` (``encoded=``)."""
+        raster = as_raster_image(image, bands, valid)
         pixels, meta = resize_image(raster.rgb, self.size, self.resize_mode)  # 3 x S x S uint8
         batch = pixels.unsqueeze(0).to(self.device, torch.float32)  # 3 x S x S -> 1 x 3 x S x S
-        self._features = self.model.encode_image(batch)
-        self._meta = meta
-        self._image = raster
+        return EncodedImage(self.model.encode_image(batch), meta, raster.valid)
 
     @torch.inference_mode()
     def encode_expressions(self, expressions: Sequence[str], batch_size: int = 16) -> list[TextFeatures]:
@@ -254,15 +286,17 @@ class Predictor:
         return [self.model.encode_text(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
 
     @torch.inference_mode()
-    def iter_logits(self, text_batches: Sequence[TextFeatures], heatmap: bool = True) -> Iterator[BatchLogits]:
-        """Decode each batch of text features on the cached image features.
+    def iter_logits(self, text_batches: Sequence[TextFeatures], heatmap: bool = True,
+                    encoded: EncodedImage | None = None) -> Iterator[BatchLogits]:
+        """Decode each batch of text features on the cached image features (or on ``encoded``,
+        from :meth:`encode`).
 
         Yields:
             :class:`BatchLogits` with ``t x H x W`` logits at the original resolution, on the CPU.
         """
-        features, meta = self.features, self._meta
-        if meta is None:  # pragma: no cover - set together with the features
-            raise RuntimeError("no image set; call set_image() first")
+        if encoded is None:
+            encoded = self.encoded
+        features, meta = encoded.features, encoded.meta
         start = 0
         for text in text_batches:
             t = int(text.tokens.shape[0])

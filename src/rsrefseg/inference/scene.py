@@ -6,12 +6,18 @@ few pixels). Instead it is cut into ``tile x tile`` windows at native resolution
 ``tile = S``, overlap ``S // 8``: 1024 / 128 for the full presets), and for each window:
 
 1. the window is read (from the file with a ``rasterio`` window when the source is a raster file),
-2. the image encoders run once on it (:meth:`Predictor.set_image`),
+2. the image encoders run once on it (:meth:`Predictor.encode`; the predictor's own current image
+   is left alone),
 3. every expression is decoded on the cached features (text features are encoded once per scene),
 4. its logits are max-merged into one ``H x W`` float32 buffer per expression
    (:class:`~rsrefseg.inference.tiling.LogitStitcher`, seam-free).
 
 Windows without a single valid pixel are skipped (their logits are :data:`EMPTY_TILE_LOGIT`).
+
+Interactive use (new expressions on the same scene, as in the web demo) passes a :class:`TileCache`:
+encoded windows are kept (about 7.5 MB each for the full presets, fp32 features) up to its byte
+budget, so a later call decodes the new expressions on the cached windows without reading or
+encoding them again; windows beyond the budget are encoded on every call.
 Memory stays bounded: one stitch buffer per expression (``4 * H * W`` bytes, 53 MB for the
 2846 x 4627 Landsat sample), the scene's ``H x W`` validity mask, and one tile. The stretch of
 non-8-bit data uses per-band percentiles over the whole scene's valid pixels, computed by streaming
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +49,14 @@ import torch
 from rsrefseg.data.imageio import PIL_SUFFIXES, RasterImage, apply_stretch, percentile_limits, select_bands
 from rsrefseg.errors import DataError
 from rsrefseg.inference.geo import GeoReference
-from rsrefseg.inference.predictor import ImageInput, Prediction, Predictor, as_raster_image, check_expressions
+from rsrefseg.inference.predictor import (
+    EncodedImage,
+    ImageInput,
+    Prediction,
+    Predictor,
+    as_raster_image,
+    check_expressions,
+)
 from rsrefseg.inference.tiling import LogitStitcher, TileBox, tile_grid
 
 __all__ = [
@@ -52,12 +66,15 @@ __all__ = [
     "RasterioSource",
     "ScenePrediction",
     "SceneSource",
+    "TileCache",
     "open_scene",
     "predict_scene",
 ]
 
 #: Images with more pixels than this are tiled by default (2048 x 2048).
 DEFAULT_TILE_THRESHOLD = 2048 * 2048
+#: Default byte budget of a :class:`TileCache` (about 270 windows of the full presets).
+DEFAULT_TILE_CACHE_BYTES = 2 * 1024**3
 #: Logit given to windows without any valid pixel (they are not run through the model).
 EMPTY_TILE_LOGIT = -1.0e4
 #: Valid pixels sampled for the percentile stretch (as in rsrefseg.data.imageio).
@@ -236,6 +253,53 @@ def open_scene(image: ImageInput, bands: tuple[int, ...] | None = None,
     return ArraySource(as_raster_image(image, bands, None))
 
 
+class TileCache:
+    """Encoded windows of **one** scene (one source and band choice) for repeated
+    :func:`predict_scene` calls with the same predictor.
+
+    Windows are added while their features fit in ``max_bytes``; later windows are encoded on every
+    call. A call with another predictor or another tiling (scene size, tile, overlap) empties it.
+    ``None`` entries are windows without a valid pixel (never encoded).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_TILE_CACHE_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.tiles: dict[TileBox, EncodedImage | None] = {}
+        self.nbytes = 0
+        self._layout: tuple[int, int, int, int] | None = None
+        self._model: weakref.ref[Any] | None = None  # the model that encoded the windows
+
+    def bind(self, predictor: Predictor, height: int, width: int, tile: int, overlap: int) -> None:
+        """Empty the cache unless it already holds windows of this predictor's model and tiling."""
+        layout = (height, width, tile, overlap)
+        if layout != self._layout or self._model is None or self._model() is not predictor.model:
+            self.clear()
+            self._layout, self._model = layout, weakref.ref(predictor.model)
+
+    def clear(self) -> None:
+        """Drop every window."""
+        self.tiles.clear()
+        self.nbytes = 0
+        self._layout = self._model = None
+
+    def get(self, box: TileBox) -> tuple[bool, EncodedImage | None]:
+        """``(found, encoded)``; ``encoded`` is None for a cached empty window."""
+        if box in self.tiles:
+            return True, self.tiles[box]
+        return False, None
+
+    def put(self, box: TileBox, encoded: EncodedImage | None) -> bool:
+        """Keep ``encoded`` for ``box`` if it fits the budget; returns whether it was kept."""
+        size = 0 if encoded is None else encoded.nbytes
+        if self.nbytes + size > self.max_bytes:
+            return False
+        self.tiles[box] = encoded
+        self.nbytes += size
+        return True
+
+
 @dataclass
 class ScenePrediction:
     """Stitched results of a tiled scene.
@@ -246,6 +310,8 @@ class ScenePrediction:
         valid: ``H x W`` bool validity of the scene.
         tiles: Number of windows; ``skipped_tiles`` of them had no valid pixel.
         tile, overlap: Window side and overlap in pixels.
+        encoded_tiles: Windows encoded by this call; ``cached_tiles``: windows whose features came
+            from the :class:`TileCache` (neither read nor encoded). Empty windows count in neither.
     """
 
     predictions: list[Prediction]
@@ -254,6 +320,8 @@ class ScenePrediction:
     skipped_tiles: int
     tile: int
     overlap: int
+    encoded_tiles: int = 0
+    cached_tiles: int = 0
 
 
 @torch.inference_mode()
@@ -267,11 +335,12 @@ def predict_scene(
     threshold: float = 0.0,
     heatmap: bool = False,
     progress: Callable[[Iterator[TileBox], int], Iterator[TileBox]] | None = None,
+    cache: TileCache | None = None,
 ) -> ScenePrediction:
     """Segment ``expressions`` on a large scene tile by tile and stitch with max logits.
 
     Args:
-        predictor: The predictor (its cached image is replaced by each tile in turn).
+        predictor: The predictor (its own current image, if any, is left as it was).
         source: The scene (:func:`open_scene`).
         expressions: Referring expressions; see the module docstring about relative words.
         tile: Window side at native resolution (default: the model input ``S``).
@@ -280,6 +349,8 @@ def predict_scene(
         threshold: Logit threshold of the masks.
         heatmap: Also stitch the global-activation heatmap (one more ``H x W`` buffer per expression).
         progress: Optional wrapper of the tile iterator, e.g. ``lambda it, n: tqdm(it, total=n)``.
+        cache: Encoded windows of this scene from earlier calls, filled by this one (see
+            :class:`TileCache`; one cache per scene and band choice).
     """
     texts = check_expressions(expressions)
     tile = int(tile or predictor.size)
@@ -291,22 +362,32 @@ def predict_scene(
     valid = np.zeros((source.height, source.width), dtype=bool)
     iou_sum = np.zeros(len(texts))
     iou_weight = np.zeros(len(texts))
-    skipped = 0
+    skipped = encoded_tiles = cached_tiles = 0
+    if cache is not None:
+        cache.bind(predictor, source.height, source.width, tile, overlap)
     iterator: Iterator[TileBox] = iter(boxes)
     if progress is not None:
         iterator = progress(iterator, len(boxes))
     for box in iterator:
-        rgb, tile_valid = source.read(box)
-        valid[box.slices] = tile_valid
-        if not tile_valid.any():
+        found, encoded = cache.get(box) if cache is not None else (False, None)
+        if found:
+            cached_tiles += encoded is not None
+        else:
+            rgb, tile_valid = source.read(box)
+            if tile_valid.any():
+                encoded = predictor.encode(rgb, valid=tile_valid)
+                encoded_tiles += 1
+            if cache is not None:
+                cache.put(box, encoded)
+        if encoded is None:  # no valid pixel
             skipped += 1
             empty = torch.full((box.height, box.width), EMPTY_TILE_LOGIT)
             for stitcher in (*stitchers, *heat_stitchers):
                 stitcher.add(box, empty)
             continue
-        predictor.set_image(rgb, valid=tile_valid)
-        valid_t = torch.from_numpy(np.ascontiguousarray(tile_valid))  # h x w bool
-        for batch in predictor.iter_logits(text_batches, heatmap=heatmap):
+        valid[box.slices] = encoded.valid
+        valid_t = torch.from_numpy(np.ascontiguousarray(encoded.valid))  # h x w bool
+        for batch in predictor.iter_logits(text_batches, heatmap=heatmap, encoded=encoded):
             for j in range(batch.logits.shape[0]):
                 k = batch.start + j
                 stitchers[k].add(box, batch.logits[j])
@@ -315,7 +396,6 @@ def predict_scene(
                 area = int(((batch.logits[j] > threshold) & valid_t).sum())
                 iou_sum[k] += float(batch.iou[j]) * area
                 iou_weight[k] += area
-    predictor.reset_image()
     valid_t = torch.from_numpy(valid)
     predictions = []
     for k, text in enumerate(texts):
@@ -324,4 +404,4 @@ def predict_scene(
         predictions.append(
             Predictor.make_prediction(text, stitchers[k].result(), valid_t, threshold, iou, heat)
         )
-    return ScenePrediction(predictions, valid, len(boxes), skipped, tile, overlap)
+    return ScenePrediction(predictions, valid, len(boxes), skipped, tile, overlap, encoded_tiles, cached_tiles)
