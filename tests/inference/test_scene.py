@@ -124,18 +124,23 @@ def test_constant_logits_in_memory_scene(predictor, monkeypatch, mode):
     np.testing.assert_array_equal(result.predictions[0].mask, valid)
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> list[int]:
+    """Wrap ``obj.name`` so that calls are counted in the returned one-element list."""
+    calls, original = [0], getattr(obj, name)
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counting)
+    return calls
+
+
 def test_single_tile_scene_equals_untiled_prediction(predictor, monkeypatch):
     rgb = np.random.default_rng(3).integers(0, 256, size=(150, 220, 3), dtype=np.uint8)
     predictor.set_image(rgb)
     untiled = predictor.predict(["a road", "the roof"], batch_size=1)
-    text_calls = [0]
-    original = predictor.model.encode_text
-
-    def counting(texts):
-        text_calls[0] += 1
-        return original(texts)
-
-    monkeypatch.setattr(predictor.model, "encode_text", counting)
+    text_calls = _count_calls(monkeypatch, predictor.model, "encode_text")
     tiled = predictor.predict_scene(rgb, ["a road", "the roof"], tile=512, batch_size=1)
     assert tiled.tiles == 1 and text_calls[0] == 2
     for a, b in zip(untiled, tiled.predictions):
@@ -179,14 +184,7 @@ def _scene_with_nodata() -> _CountingSource:
 def test_tile_cache_decodes_new_expressions_without_reading_or_encoding(predictor, monkeypatch):
     source = _scene_with_nodata()
     uncached = predict_scene(predictor, source, ["the roof", "a road"], tile=100, overlap=0, heatmap=True)
-    encodes = [0]
-    original = predictor.model.encode_image
-
-    def counting(pixels):
-        encodes[0] += 1
-        return original(pixels)
-
-    monkeypatch.setattr(predictor.model, "encode_image", counting)
+    encodes = _count_calls(monkeypatch, predictor.model, "encode_image")
     cache, reads = TileCache(), source.reads
     first = predict_scene(predictor, source, ["the roof"], tile=100, overlap=0, heatmap=True, cache=cache)
     assert first.tiles == 6 and first.skipped_tiles == 1 and first.encoded_tiles == 5 and first.cached_tiles == 0
