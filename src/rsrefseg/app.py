@@ -1,22 +1,10 @@
 """Gradio web demo: upload an image, type referring expressions, see and download the masks.
 
-:func:`build_app` returns a ``gradio.Blocks`` (``rsrefseg serve`` launches it). The work is done by
-:class:`DemoService`, which has no Gradio dependency, so it can be tested directly:
-
-- the model is loaded **once** (a :class:`~rsrefseg.inference.predictor.Predictor`) and shared by
-  every request; a lock serialises model use, and the encoder runs **once per uploaded image**
-  (on upload, or on the first run for that file), every expression is decoded on the cached features;
-- uploads above the tile threshold are segmented tile by tile at native resolution: the file stays
-  open (read window by window, the preview from a downsampled read), and the encoded windows are
-  kept in a :class:`~rsrefseg.inference.scene.TileCache` (up to ``Limits.tile_cache_mb``), so the
-  next run with new expressions decodes only;
-- uploads are read with :func:`rsrefseg.data.imageio.read_image`, so GeoTIFFs (16-bit, float,
-  multiband, nodata) work; their size (MB) and dimensions (pixels) are checked first, from the
-  file header, and a violation raises :class:`~rsrefseg.errors.DataError` naming the file and the
-  limit (shown in the page as a one-line ``gr.Error``);
-- each run writes, per expression, the same files as ``rsrefseg predict`` (mask PNG, overlay PNG,
-  and for georeferenced inputs a GeoTIFF mask and GeoJSON polygons) plus a heatmap PNG and one zip
-  of everything, into a private temporary folder (only the last few runs are kept).
+:func:`build_app` returns a ``gradio.Blocks`` (``rsrefseg serve`` launches it): an upload, a band
+choice, the expressions and a threshold; overlays, heatmaps, downloads and a summary table. The
+work is done by :class:`rsrefseg.demo_service.DemoService`, which has no Gradio dependency (model
+loaded once, features cached per upload, tiled large scenes, limits, per-run output folders);
+every failure is shown as a one-line ``gr.Error`` and requests queue instead of failing.
 
 Nothing happens at import: gradio, torch and the model code are imported inside functions.
 """
@@ -24,333 +12,30 @@ Nothing happens at import: gradio, torch and the model code are imported inside 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
-import shutil
-import tempfile
-import threading
-import time
-import weakref
-import zipfile
-from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rsrefseg.errors import ConfigError, DataError, RSRefSegError
+from rsrefseg.demo_service import (
+    DEFAULT_MAX_EXPRESSIONS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_TILE_CACHE_MB,
+    DEFAULT_TILE_THRESHOLD,
+    UPLOAD_TYPES,
+    DemoService,
+    Limits,
+)
+from rsrefseg.errors import ConfigError, RSRefSegError
 
 if TYPE_CHECKING:  # pragma: no cover
     import gradio
     import numpy as np
 
-    from rsrefseg.inference.geo import GeoReference
     from rsrefseg.inference.predictor import Predictor
-    from rsrefseg.inference.scene import ScenePrediction, SceneSource, TileCache
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_MB", "DemoResult", "DemoService", "Limits", "build_app",
-           "check_upload", "make_handlers", "parse_expressions"]
+__all__ = ["build_app", "make_handlers"]
 
 log = logging.getLogger(__name__)
-
-#: Default upload cap in MB (here and in Gradio's own cap, 1 MB = 2**20 bytes).
-DEFAULT_MAX_UPLOAD_MB = 50.0
-#: Default cap on ``H * W`` of an uploaded image (a 4096 x 4096 scene).
-DEFAULT_MAX_PIXELS = 4096 * 4096
-#: Expressions accepted in one run.
-DEFAULT_MAX_EXPRESSIONS = 16
-#: Same as ``rsrefseg predict``'s default ``--tile-threshold``.
-DEFAULT_TILE_THRESHOLD = 2048 * 2048
-#: Encoded windows of a tiled upload kept between runs (MB; about 7.5 MB per window of the full presets).
-DEFAULT_TILE_CACHE_MB = 2048.0
-#: Longest side of the previews, overlays and heatmaps shown in the page (masks stay full size).
-PREVIEW_MAX_SIDE = 1024
-#: File types offered by the upload dialog.
-UPLOAD_TYPES = [".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp", ".jp2"]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits (a violation is a one-line :class:`DataError` / :class:`ConfigError`)."""
-
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_expressions: int = DEFAULT_MAX_EXPRESSIONS
-    #: Images with more pixels are segmented tile by tile at native resolution (as ``rsrefseg
-    #: predict --tile-threshold``), so small objects of a large scene are not lost in one resize.
-    tile_threshold: int = DEFAULT_TILE_THRESHOLD
-    #: Encoded windows of the current tiled upload kept for the next run, in MB (0: re-encode every run).
-    tile_cache_mb: float = DEFAULT_TILE_CACHE_MB
-
-
-@dataclass
-class DemoResult:
-    """What one run shows and offers.
-
-    Attributes:
-        overlays: ``(png path, caption)`` per expression, caption = the expression and its score.
-        heatmaps: ``(png path, caption)`` per expression: the text-activation heatmap.
-        downloads: The zip of every file first, then the mask PNGs, GeoJSONs and GeoTIFF masks.
-        summary: A Markdown table (expression, score, mask pixels, polygons, area).
-        records: The per-expression summary records of :func:`write_prediction_outputs`.
-    """
-
-    overlays: list[tuple[str, str]]
-    heatmaps: list[tuple[str, str]]
-    downloads: list[str]
-    summary: str
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class _Loaded:
-    """The current upload: its preview, georeferencing, and for a tiled upload the open scene."""
-
-    key: tuple[str, int, int, tuple[int, ...] | None]
-    preview: np.ndarray  # h x w x 3 uint8, longest side <= PREVIEW_MAX_SIDE
-    georef: GeoReference | None
-    height: int
-    width: int
-    scene: SceneSource | None = None  # a tiled upload, kept open and read window by window
-    tiles: TileCache | None = None  # its encoded windows, reused by the next run
-
-    @property
-    def tiled(self) -> bool:
-        """Whether the upload is segmented tile by tile (features are then in ``tiles``)."""
-        return self.scene is not None
-
-    def close(self) -> None:
-        """Release the open scene file and the cached windows."""
-        if self.scene is not None:
-            self.scene.close()
-        self.scene = self.tiles = None
-
-    @property
-    def bands(self) -> tuple[int, ...] | None:
-        """The parsed band choice (part of the cache key)."""
-        return self.key[3]
-
-
-def parse_expressions(text: str | None, max_expressions: int = DEFAULT_MAX_EXPRESSIONS) -> list[str]:
-    """One expression per non-blank line (whitespace collapsed).
-
-    Raises:
-        ConfigError: no expression, or more than ``max_expressions``.
-    """
-    expressions = [" ".join(line.split()) for line in (text or "").splitlines() if line.strip()]
-    if not expressions:
-        raise ConfigError("type at least one referring expression (one per line)")
-    if len(expressions) > max_expressions:
-        raise ConfigError(f"{len(expressions)} expressions given; at most {max_expressions} per run")
-    return expressions
-
-
-def check_upload(path: str | os.PathLike[str], limits: Limits) -> tuple[int, int]:
-    """Check the file size and the image dimensions (header only) against ``limits``; return ``(H, W)``.
-
-    Raises:
-        DataError: missing/unreadable file, or a limit exceeded (the message names the file and the limit).
-    """
-    from rsrefseg.data.imageio import image_size
-
-    source = Path(path)
-    if not source.is_file():
-        raise DataError(f"{source.name}: uploaded file not found")
-    size_mb = source.stat().st_size / 2**20
-    if size_mb > limits.max_upload_mb:
-        raise DataError(
-            f"{source.name}: file is {size_mb:.3g} MB, above the upload limit of {limits.max_upload_mb:g} MB"
-        )
-    height, width = image_size(source)
-    if height * width > limits.max_pixels:
-        raise DataError(
-            f"{source.name}: image is {width} x {height} = {height * width / 1e6:.3g} MP, above the limit "
-            f"of {limits.max_pixels / 1e6:.3g} MP ({limits.max_pixels} pixels)"
-        )
-    return height, width
-
-
-def _preview(rgb: np.ndarray) -> np.ndarray:
-    """Downscale ``H x W x 3`` uint8 so that its longest side is at most :data:`PREVIEW_MAX_SIDE`."""
-    import numpy as np
-    from PIL import Image
-
-    h, w = rgb.shape[:2]
-    scale = PREVIEW_MAX_SIDE / max(h, w)
-    if scale >= 1:
-        return rgb
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
-
-
-def _safe_stem(path: Path) -> str:
-    return re.sub(r"[^\w.-]+", "_", path.stem).strip("._") or "image"
-
-
-def _markdown_table(name: str, loaded: _Loaded, records: list[dict[str, Any]], seconds: float,
-                    scene: ScenePrediction | None = None) -> str:
-    geo = "georeferenced" if loaded.georef is not None else "not georeferenced (no GeoJSON)"
-    tiled = ""
-    if scene is not None:
-        tiled = (f", segmented tile by tile at native resolution (windows: {scene.tiles}, without valid "
-                 f"pixels: {scene.skipped_tiles}, already encoded: {scene.cached_tiles})")
-    lines = [
-        f"**{name}**: {loaded.width} x {loaded.height} px, {geo}{tiled}; {len(records)} expression(s) in "
-        f"{seconds:.1f} s",
-        "",
-        "| # | expression | score | mask pixels | polygons | area (m²) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for i, r in enumerate(records, start=1):
-        area = r.get("area_m2")
-        text = r["expression"].replace("|", "\\|")
-        lines.append(
-            f"| {i} | {text} | {r['score']:.3f} | {r['mask_pixels']} | {r.get('polygons', '-')} | "
-            f"{'-' if area is None else f'{area:,.0f}'} |"
-        )
-    return "\n".join(lines)
-
-
-class DemoService:
-    """The demo's work, independent of Gradio: one cached predictor, limits, per-run output folders.
-
-    Args:
-        predictor: The shared predictor (loaded once).
-        limits: Upload / dimension / expression-count limits.
-        workdir: Folder for run outputs (default: a new temporary folder, removed with the service).
-        keep_runs: Output folders of this many recent runs are kept (older ones are deleted).
-    """
-
-    def __init__(
-        self, predictor: Predictor, limits: Limits | None = None, workdir: str | Path | None = None, keep_runs: int = 8
-    ) -> None:
-        self.predictor = predictor
-        self.limits = limits or Limits()
-        if workdir is None:
-            workdir = tempfile.mkdtemp(prefix="rsrefseg-app-")
-            weakref.finalize(self, shutil.rmtree, workdir, True)
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._runs: deque[Path] = deque()
-        self._keep_runs = max(1, keep_runs)
-        self._lock = threading.Lock()
-        self._loaded: _Loaded | None = None
-        self.encodes = 0  # image encodings: one per distinct upload, one per tiled run that encodes windows
-        self.encoded_tiles = 0  # windows of tiled uploads encoded so far
-
-    def _load(self, path: Path, bands: str | None = None) -> _Loaded:
-        """Check limits and make sure the predictor holds ``path``'s features; call with the lock held.
-
-        ``bands``: 1-based source bands for R, G, B (``"4,3,2"``, or one band); empty = automatic.
-        """
-        from rsrefseg.data.imageio import parse_bands, read_image
-        from rsrefseg.inference.geo import read_georeference
-        from rsrefseg.inference.scene import TileCache, open_scene
-        from rsrefseg.inference.tiling import should_tile
-
-        if not path.is_file():
-            raise DataError(f"{path.name}: uploaded file not found (upload it again)")
-        try:
-            chosen = parse_bands(bands)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, chosen)
-        loaded = self._loaded
-        if loaded is not None and loaded.key == key and (loaded.tiled or self.predictor.is_image_set):
-            return loaded
-        height, width = check_upload(path, self.limits)
-        if should_tile(height, width, self.limits.tile_threshold):
-            scene = open_scene(path, bands=chosen)  # streams the stretch statistics, keeps the file open
-            try:
-                preview, _ = scene.preview(PREVIEW_MAX_SIDE)
-            except BaseException:
-                scene.close()
-                raise
-            tiles = TileCache(int(self.limits.tile_cache_mb * 2**20))
-            new = _Loaded(key, preview, scene.georef, scene.height, scene.width, scene, tiles)
-            self.predictor.reset_image()
-        else:
-            raster = read_image(path, bands=chosen)
-            georef = read_georeference(path) if raster.transform is not None else None
-            self.predictor.set_image(raster)
-            self.encodes += 1
-            new = _Loaded(key, _preview(raster.rgb), georef, raster.height, raster.width)
-        if loaded is not None:  # only now: a failed upload leaves the previous one usable
-            loaded.close()
-        self._loaded = new
-        return new
-
-    def load(self, path: str | os.PathLike[str], bands: str | None = None) -> np.ndarray:
-        """Check and encode an uploaded image (``bands`` as in :meth:`run`); return its preview
-        (``h x w x 3`` uint8)."""
-        with self._lock:
-            return self._load(Path(path), bands).preview
-
-    def _new_run_dir(self) -> Path:
-        """A fresh output folder; the oldest beyond ``keep_runs`` is deleted (call with the lock held)."""
-        run = Path(tempfile.mkdtemp(prefix="run-", dir=self.workdir))
-        self._runs.append(run)
-        while len(self._runs) > self._keep_runs:
-            shutil.rmtree(self._runs.popleft(), ignore_errors=True)
-        return run
-
-    def run(
-        self, path: str | os.PathLike[str], text: str | None, threshold: float = 0.5, bands: str | None = None
-    ) -> DemoResult:
-        """Segment every expression of ``text`` (one per line) on the image at ``path``.
-
-        Args:
-            path: The uploaded image.
-            text: Expressions, one per line.
-            threshold: Mask probability threshold in (0, 1).
-            bands: 1-based source bands for R, G, B, e.g. ``"4,3,2"`` for a multispectral GeoTIFF,
-                or one band; empty or ``None`` = automatic (the first three, or the only one).
-
-        Raises:
-            DataError / ConfigError: a limit is exceeded, the file cannot be read, no expression.
-        """
-        from rsrefseg.inference.outputs import expression_names, write_prediction_outputs
-        from rsrefseg.inference.scene import predict_scene
-
-        source = Path(path)
-        expressions = parse_expressions(text, self.limits.max_expressions)
-        if not 0.0 < threshold < 1.0:
-            raise ConfigError(f"the mask threshold must be in (0, 1), got {threshold}")
-        start = time.perf_counter()
-        with self._lock:
-            loaded = self._load(source, bands)
-            logit = math.log(threshold / (1 - threshold))
-            scene = None
-            if loaded.scene is not None:  # tile by tile at native resolution, encoded windows reused
-                scene = predict_scene(self.predictor, loaded.scene, expressions, threshold=logit, heatmap=True,
-                                      cache=loaded.tiles)
-                predictions = scene.predictions
-                self.encodes += scene.encoded_tiles > 0
-                self.encoded_tiles += scene.encoded_tiles
-            else:
-                predictions = self.predictor.predict(expressions, threshold=logit)
-            run_dir = self._new_run_dir()
-        folder = run_dir / _safe_stem(source)
-        names = expression_names(expressions)
-        records = [
-            write_prediction_outputs(folder, name, p, loaded.preview, source.name, loaded.georef)
-            for name, p in zip(names, predictions)
-        ]
-        heatmaps = [(str(folder / r["heatmap_png"]), r["expression"]) for r in records if "heatmap_png" in r]
-        zip_path = run_dir / f"{folder.name}_masks.zip"
-        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
-            for file in sorted(folder.iterdir()):
-                if not file.name.endswith(".heatmap.png"):
-                    archive.write(file, f"{folder.name}/{file.name}")
-        downloads = [str(zip_path)]
-        for key in ("mask_png", "geojson", "mask_tif"):
-            downloads += [str(folder / r[key]) for r in records if key in r]
-        overlays = [
-            (str(folder / r["overlay_png"]), f"{r['expression']} (score {r['score']:.2f})") for r in records
-        ]
-        summary = _markdown_table(source.name, loaded, records, time.perf_counter() - start, scene)
-        return DemoResult(overlays, heatmaps, downloads, summary, records)
 
 
 def _user_error(exc: BaseException) -> Exception:

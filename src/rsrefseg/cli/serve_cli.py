@@ -16,13 +16,13 @@ import signal
 import threading
 from typing import Any
 
-from rsrefseg.app import (
+from rsrefseg.cli.args import add_model_args, parse_pixels, positive
+from rsrefseg.demo_service import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_UPLOAD_MB,
     DEFAULT_TILE_CACHE_MB,
     DEFAULT_TILE_THRESHOLD,
 )
-from rsrefseg.cli.args import add_model_args, parse_pixels, positive
 from rsrefseg.errors import ConfigError
 
 
