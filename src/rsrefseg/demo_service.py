@@ -41,7 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from rsrefseg.inference.geo import GeoReference
     from rsrefseg.inference.predictor import Predictor
-    from rsrefseg.inference.scene import ScenePrediction, SceneSource, TileCache
+    from rsrefseg.inference.scene import ScenePrediction, SceneSource
+    from rsrefseg.inference.tiling import TileCache
 
 __all__ = ["DEFAULT_MAX_EXPRESSIONS", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_TILE_CACHE_MB",
            "DEFAULT_TILE_THRESHOLD", "DemoResult", "DemoService", "Limits", "check_upload", "parse_expressions"]
@@ -239,8 +240,8 @@ class DemoService:
         """
         from rsrefseg.data.imageio import parse_bands, read_image
         from rsrefseg.inference.geo import read_georeference
-        from rsrefseg.inference.scene import TileCache, open_scene
-        from rsrefseg.inference.tiling import should_tile
+        from rsrefseg.inference.scene import open_scene
+        from rsrefseg.inference.tiling import TileCache, should_tile
 
         if not path.is_file():
             raise DataError(f"{path.name}: uploaded file not found (upload it again)")

@@ -18,11 +18,10 @@ from rsrefseg.inference.scene import (
     EMPTY_TILE_LOGIT,
     ArraySource,
     RasterioSource,
-    TileCache,
     open_scene,
     predict_scene,
 )
-from rsrefseg.inference.tiling import TileBox, tile_grid
+from rsrefseg.inference.tiling import TileBox, TileCache, tile_grid
 from rsrefseg.modeling.rsrefseg import ImageFeatures, RSRefSegOutput
 
 LANDSAT = "landsat_large_nodata_wgs84.tif"

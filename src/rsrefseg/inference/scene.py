@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +48,8 @@ import torch
 from rsrefseg.data.imageio import PIL_SUFFIXES, RasterImage, apply_stretch, percentile_limits, select_bands
 from rsrefseg.errors import DataError
 from rsrefseg.inference.geo import GeoReference
-from rsrefseg.inference.predictor import (
-    EncodedImage,
-    ImageInput,
-    Prediction,
-    Predictor,
-    as_raster_image,
-    check_expressions,
-)
-from rsrefseg.inference.tiling import LogitStitcher, TileBox, tile_grid
+from rsrefseg.inference.predictor import ImageInput, Prediction, Predictor, as_raster_image, check_expressions
+from rsrefseg.inference.tiling import LogitStitcher, TileBox, TileCache, tile_grid
 
 __all__ = [
     "DEFAULT_TILE_THRESHOLD",
@@ -66,15 +58,12 @@ __all__ = [
     "RasterioSource",
     "ScenePrediction",
     "SceneSource",
-    "TileCache",
     "open_scene",
     "predict_scene",
 ]
 
 #: Images with more pixels than this are tiled by default (2048 x 2048).
 DEFAULT_TILE_THRESHOLD = 2048 * 2048
-#: Default byte budget of a :class:`TileCache` (about 270 windows of the full presets).
-DEFAULT_TILE_CACHE_BYTES = 2 * 1024**3
 #: Logit given to windows without any valid pixel (they are not run through the model).
 EMPTY_TILE_LOGIT = -1.0e4
 #: Valid pixels sampled for the percentile stretch (as in rsrefseg.data.imageio).
@@ -251,53 +240,6 @@ def open_scene(image: ImageInput, bands: tuple[int, ...] | None = None,
 
         return ArraySource(read_image(image, bands=bands, stretch=stretch))
     return ArraySource(as_raster_image(image, bands, None))
-
-
-class TileCache:
-    """Encoded windows of **one** scene (one source and band choice) for repeated
-    :func:`predict_scene` calls with the same predictor.
-
-    Windows are added while their features fit in ``max_bytes``; later windows are encoded on every
-    call. A call with another predictor or another tiling (scene size, tile, overlap) empties it.
-    ``None`` entries are windows without a valid pixel (never encoded).
-    """
-
-    def __init__(self, max_bytes: int = DEFAULT_TILE_CACHE_BYTES) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = int(max_bytes)
-        self.tiles: dict[TileBox, EncodedImage | None] = {}
-        self.nbytes = 0
-        self._layout: tuple[int, int, int, int] | None = None
-        self._model: weakref.ref[Any] | None = None  # the model that encoded the windows
-
-    def bind(self, predictor: Predictor, height: int, width: int, tile: int, overlap: int) -> None:
-        """Empty the cache unless it already holds windows of this predictor's model and tiling."""
-        layout = (height, width, tile, overlap)
-        if layout != self._layout or self._model is None or self._model() is not predictor.model:
-            self.clear()
-            self._layout, self._model = layout, weakref.ref(predictor.model)
-
-    def clear(self) -> None:
-        """Drop every window."""
-        self.tiles.clear()
-        self.nbytes = 0
-        self._layout = self._model = None
-
-    def get(self, box: TileBox) -> tuple[bool, EncodedImage | None]:
-        """``(found, encoded)``; ``encoded`` is None for a cached empty window."""
-        if box in self.tiles:
-            return True, self.tiles[box]
-        return False, None
-
-    def put(self, box: TileBox, encoded: EncodedImage | None) -> bool:
-        """Keep ``encoded`` for ``box`` if it fits the budget; returns whether it was kept."""
-        size = 0 if encoded is None else encoded.nbytes
-        if self.nbytes + size > self.max_bytes:
-            return False
-        self.tiles[box] = encoded
-        self.nbytes += size
-        return True
 
 
 @dataclass

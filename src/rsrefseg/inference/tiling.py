@@ -9,17 +9,26 @@ exactly that value.
 
 Memory: the stitcher holds only the full-scene buffer (``H * W * 4`` bytes in float32, e.g. 52 MB
 for the 2846 x 4627 Landsat sample) plus the one tile being added.
+
+:class:`TileCache` keeps the encoded windows of one scene for repeated predictions on it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import weakref
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from rsrefseg.errors import ConfigError
 
-__all__ = ["LogitStitcher", "TileBox", "should_tile", "tile_grid"]
+if TYPE_CHECKING:  # pragma: no cover
+    from rsrefseg.inference.predictor import EncodedImage, Predictor
+
+__all__ = ["DEFAULT_TILE_CACHE_BYTES", "LogitStitcher", "TileBox", "TileCache", "should_tile", "tile_grid"]
+
+#: Default byte budget of a :class:`TileCache` (about 270 windows of the full presets).
+DEFAULT_TILE_CACHE_BYTES = 2 * 1024**3
 
 
 class TileBox(NamedTuple):
@@ -154,3 +163,50 @@ class LogitStitcher:
         if uncovered:
             raise RuntimeError(f"{uncovered} of {self.height * self.width} pixels were covered by no tile")
         return self._buffer
+
+
+class TileCache:
+    """Encoded windows of **one** scene (one source and band choice) for repeated
+    :func:`predict_scene` calls with the same predictor.
+
+    Windows are added while their features fit in ``max_bytes``; later windows are encoded on every
+    call. A call with another predictor or another tiling (scene size, tile, overlap) empties it.
+    ``None`` entries are windows without a valid pixel (never encoded).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_TILE_CACHE_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.tiles: dict[TileBox, EncodedImage | None] = {}
+        self.nbytes = 0
+        self._layout: tuple[int, int, int, int] | None = None
+        self._model: weakref.ref[Any] | None = None  # the model that encoded the windows
+
+    def bind(self, predictor: Predictor, height: int, width: int, tile: int, overlap: int) -> None:
+        """Empty the cache unless it already holds windows of this predictor's model and tiling."""
+        layout = (height, width, tile, overlap)
+        if layout != self._layout or self._model is None or self._model() is not predictor.model:
+            self.clear()
+            self._layout, self._model = layout, weakref.ref(predictor.model)
+
+    def clear(self) -> None:
+        """Drop every window."""
+        self.tiles.clear()
+        self.nbytes = 0
+        self._layout = self._model = None
+
+    def get(self, box: TileBox) -> tuple[bool, EncodedImage | None]:
+        """``(found, encoded)``; ``encoded`` is None for a cached empty window."""
+        if box in self.tiles:
+            return True, self.tiles[box]
+        return False, None
+
+    def put(self, box: TileBox, encoded: EncodedImage | None) -> bool:
+        """Keep ``encoded`` for ``box`` if it fits the budget; returns whether it was kept."""
+        size = 0 if encoded is None else encoded.nbytes
+        if self.nbytes + size > self.max_bytes:
+            return False
+        self.tiles[box] = encoded
+        self.nbytes += size
+        return True
