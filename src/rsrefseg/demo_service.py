@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rsrefseg.errors import ConfigError, DataError
+from rsrefseg.inference.defaults import DEFAULT_TILE_CACHE_BYTES, DEFAULT_TILE_THRESHOLD
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -54,10 +55,8 @@ DEFAULT_MAX_UPLOAD_MB = 50.0
 DEFAULT_MAX_PIXELS = 4096 * 4096
 #: Expressions accepted in one run.
 DEFAULT_MAX_EXPRESSIONS = 16
-#: Same as ``rsrefseg predict``'s default ``--tile-threshold``.
-DEFAULT_TILE_THRESHOLD = 2048 * 2048
-#: Encoded windows of a tiled upload kept between runs (MB; about 7.5 MB per window of the full presets).
-DEFAULT_TILE_CACHE_MB = 2048.0
+#: Encoded windows of a tiled upload kept between runs, in MB (about 7.5 MB per window of the full presets).
+DEFAULT_TILE_CACHE_MB = DEFAULT_TILE_CACHE_BYTES / 2**20
 #: Longest side of the previews, overlays and heatmaps shown in the page (masks stay full size).
 PREVIEW_MAX_SIDE = 1024
 #: File types offered by the upload dialog.

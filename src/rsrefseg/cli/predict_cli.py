@@ -31,10 +31,8 @@ from typing import Any
 
 from rsrefseg.cli.args import add_model_args, parse_pixels
 from rsrefseg.errors import ConfigError, DataError, RSRefSegError
+from rsrefseg.inference.defaults import DEFAULT_TILE_THRESHOLD
 
-#: Same value as ``rsrefseg.inference.scene.DEFAULT_TILE_THRESHOLD`` (kept here so that
-#: ``rsrefseg --help`` does not import the model code).
-DEFAULT_TILE_THRESHOLD = 2048 * 2048
 #: Suffixes taken from a folder given as input.
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp", ".jp2", ".img", ".vrt"})
 

@@ -47,6 +47,7 @@ import torch
 
 from rsrefseg.data.imageio import PIL_SUFFIXES, RasterImage, apply_stretch, percentile_limits, select_bands
 from rsrefseg.errors import DataError
+from rsrefseg.inference.defaults import DEFAULT_TILE_THRESHOLD
 from rsrefseg.inference.geo import GeoReference
 from rsrefseg.inference.predictor import ImageInput, Prediction, Predictor, as_raster_image, check_expressions
 from rsrefseg.inference.tiling import LogitStitcher, TileBox, TileCache, tile_grid
@@ -62,8 +63,6 @@ __all__ = [
     "predict_scene",
 ]
 
-#: Images with more pixels than this are tiled by default (2048 x 2048).
-DEFAULT_TILE_THRESHOLD = 2048 * 2048
 #: Logit given to windows without any valid pixel (they are not run through the model).
 EMPTY_TILE_LOGIT = -1.0e4
 #: Valid pixels sampled for the percentile stretch (as in rsrefseg.data.imageio).

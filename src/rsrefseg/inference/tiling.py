@@ -21,14 +21,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from rsrefseg.errors import ConfigError
+from rsrefseg.inference.defaults import DEFAULT_TILE_CACHE_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
     from rsrefseg.inference.predictor import EncodedImage, Predictor
 
-__all__ = ["DEFAULT_TILE_CACHE_BYTES", "LogitStitcher", "TileBox", "TileCache", "should_tile", "tile_grid"]
-
-#: Default byte budget of a :class:`TileCache` (about 270 windows of the full presets).
-DEFAULT_TILE_CACHE_BYTES = 2 * 1024**3
+__all__ = ["LogitStitcher", "TileBox", "TileCache", "should_tile", "tile_grid"]
 
 
 class TileBox(NamedTuple):
