@@ -143,9 +143,8 @@ def bench_model(
     texts = EXPRESSIONS[:batch]
     index = torch.zeros(len(texts), dtype=torch.long)
     # The fp32 probes are built once and run in both rounds (stages and pipelines).
-    probes32 = {"roofline_fp32": matmul_probe(probe_size, torch.float32)[0],
-                "roofline_fp32_onednn": matmul_probe(probe_size, torch.float32, onednn=True)[0]}
-    g32 = 2.0 * probe_size**3 / 1e9
+    mm32, g32 = matmul_probe(probe_size, torch.float32)
+    probes32 = {"roofline_fp32": mm32, "roofline_fp32_onednn": matmul_probe(probe_size, torch.float32, onednn=True)[0]}
     result: dict[str, Any] = {"preset": preset, **info, "image_size": model.image_size,
                               "clip_image_size": model.clip.image_size, "batch_expressions": len(texts)}
     with torch.inference_mode():
@@ -203,19 +202,18 @@ def bench_model(
             "max_abs_diff_vs_hf": (fast_out - sam_reference().last_hidden_state).abs().max().item(),
         }
         result["pipeline"] = _pipelines(model, image, texts, feats, naive, reps, g, further["gflop"], bf16,
-                                        probe_size, probes32, result, log)
+                                        probe_size, probes32, g32, result, log)
     return result
 
 
 def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, naive: Callable[[], Any], reps: int,
                g: dict[str, float], further_gflop: float, bf16: bool, probe_size: int,
-               probes32: dict[str, Callable[[], Any]], result: dict[str, Any],
+               probes32: dict[str, Callable[[], Any]], g32: float, result: dict[str, Any],
                log: Callable[[str], None]) -> dict[str, Any]:
     """First / further / naive expressions (+ the bf16 path), side by side (with the fp32 probes)."""
     from rsrefseg.modeling.optimize import optimize_for_inference
 
     index = torch.zeros(len(texts), dtype=torch.long)
-    g32 = 2.0 * probe_size**3 / 1e9
     fns: dict[str, Callable[[], Any]] = {
         "first_expression": lambda: model.decode(model.encode_image(image), model.encode_text(texts[:1])),
         "further_expression_batched": lambda: model.decode(feats, model.encode_text(texts), image_index=index),
@@ -233,7 +231,7 @@ def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, na
             bf16_model.encode_image(image), bf16_model.encode_text(texts[:1]))
         fns["bf16_further_expression_batched"] = lambda: bf16_model.decode(
             feats16, bf16_model.encode_text(texts), image_index=index)
-        fns["roofline_bf16"] = matmul_probe(probe_size, torch.bfloat16)[0]
+        fns["roofline_bf16"], g16 = matmul_probe(probe_size, torch.bfloat16)
         fns["roofline_bf16_onednn"] = matmul_probe(probe_size, torch.bfloat16, onednn=True)[0]
     log(f"[{preset_of(model)}] timing pipelines ({reps} reps)")
     pt = rounds(fns, reps)
@@ -258,7 +256,7 @@ def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, na
         "first_over_further_single_min": first["min_s"] / pipe["further_expression_single"]["min_s"],
     }
     if bf16_model is not None:
-        roof16 = _roof(pt, "roofline_bf16", g32)
+        roof16 = _roof(pt, "roofline_bf16", g16)
         result["roofline_in_rounds"]["pipelines_bf16"] = roof16
         pipe["bf16_first_expression"] = _rate(pt["bf16_first_expression"], g["first_expression"], roof16)
         pipe["bf16_further_expression_batched_per_expression"] = _rate(
