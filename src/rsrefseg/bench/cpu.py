@@ -19,6 +19,7 @@ import torch
 from rsrefseg.bench.flops import count_flops
 from rsrefseg.bench.roofline import matmul_probe
 from rsrefseg.bench.timing import CpuMonitor, scaled
+from rsrefseg.modeling.fast_sam import onednn_linear_supported
 
 #: The expressions of the benchmark (one image, several referring expressions).
 EXPRESSIONS = [
@@ -232,7 +233,8 @@ def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, na
         fns["bf16_further_expression_batched"] = lambda: bf16_model.decode(
             feats16, bf16_model.encode_text(texts), image_index=index)
         fns["roofline_bf16"], g16 = matmul_probe(probe_size, torch.bfloat16)
-        fns["roofline_bf16_onednn"] = matmul_probe(probe_size, torch.bfloat16, onednn=True)[0]
+        if onednn_linear_supported(torch.bfloat16):  # no oneDNN bf16 GEMM on AVX2-only CPUs
+            fns["roofline_bf16_onednn"] = matmul_probe(probe_size, torch.bfloat16, onednn=True)[0]
     log(f"[{preset_of(model)}] timing pipelines ({reps} reps)")
     pt = rounds(fns, reps)
     result["contention"]["pipelines"] = pt.pop("_cpu")
@@ -267,8 +269,10 @@ def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, na
             pt["further_expression_batched"]["min_s"] / pt["bf16_further_expression_batched"]["min_s"])
         # What bf16 can gain at most where everything is GEMM: the best bf16 GEMM over the best fp32
         # GEMM (oneDNN, which both paths' linears use), probed in the same rounds.
-        ratios["bf16_gemm_ceiling_min"] = roof16["onednn_gflops_at_min"] / roof["onednn_gflops_at_min"]
-        ratios["bf16_gemm_ceiling_median"] = roof16["onednn_gflops_at_median"] / roof["onednn_gflops_at_median"]
+        for at in ("min", "median"):
+            best16 = max(roof16.get(f"gflops_at_{at}", 0.0), roof16.get(f"onednn_gflops_at_{at}", 0.0))
+            best32 = max(roof.get(f"gflops_at_{at}", 0.0), roof.get(f"onednn_gflops_at_{at}", 0.0))
+            ratios[f"bf16_gemm_ceiling_{at}"] = best16 / best32
         pipe["bf16_agreement"] = _agreement(fns["first_expression"](), fns["bf16_first_expression"]())
     return pipe
 

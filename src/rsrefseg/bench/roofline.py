@@ -48,7 +48,10 @@ def roofline(sizes: list[int], reps: int, dtypes: tuple[str, ...] = ("fp32", "bf
     names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     onednn = device == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     out: dict[str, Any] = {}
-    for name, use_onednn in [(d, False) for d in dtypes] + ([(d, True) for d in dtypes] if onednn else []):
+    from rsrefseg.modeling.fast_sam import onednn_linear_supported
+
+    with_onednn = [d for d in dtypes if onednn and onednn_linear_supported(names[d])]
+    for name, use_onednn in [(d, False) for d in dtypes] + [(d, True) for d in with_onednn]:
         per_size = {str(n): matmul_gflops(n, names[name], reps, device, use_onednn) for n in sizes}
         best = max(per_size.values(), key=lambda t: t["gflops_at_min"])
         out[name + ("_onednn" if use_onednn else "")] = {

@@ -23,6 +23,7 @@ names, checkpoints and LoRA wrappers are unchanged, and :func:`disable_fast_sam`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -236,6 +237,24 @@ class FastSamVisionAttention(SamVisionAttention):
         return windows.view(b * grid_h * grid_w, s, s, c3)
 
 
+@functools.cache
+def onednn_linear_supported(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN has a linear (inner product) kernel for ``dtype``.
+
+    oneDNN has bf16 kernels only on CPUs with AVX-512 (BF16/VNNI) or AMX; on an AVX2-only CPU
+    creating the bf16 primitive fails. One 2 x 8 probe per dtype and process, cached.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        with torch.no_grad():
+            x = torch.ones(2, 8, dtype=dtype)
+            torch.ops.mkldnn._linear_pointwise(x, torch.ones(4, 8, dtype=dtype), None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN's ``mkldnn._linear_pointwise`` may run this linear (CPU inference only)."""
     return (
@@ -246,8 +265,7 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.is_contiguous()
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and onednn_linear_supported(x.dtype)
     )
 
 
