@@ -71,6 +71,8 @@ def test_parse_expressions_one_per_line() -> None:
         parse_expressions(None)
     with pytest.raises(ConfigError, match="3 expressions given; at most 2"):
         parse_expressions("a\nb\nc", max_expressions=2)
+    with pytest.raises(ConfigError, match="expression 2 has 5000 characters; at most 1000"):
+        parse_expressions("ok\n" + "z" * 5000)
 
 
 def test_check_upload_limits_name_the_file_and_the_limit(tmp_path: Path) -> None:

@@ -35,7 +35,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rsrefseg.errors import ConfigError, DataError
-from rsrefseg.inference.defaults import DEFAULT_TILE_CACHE_BYTES, DEFAULT_TILE_THRESHOLD
+from rsrefseg.inference.defaults import (
+    DEFAULT_TILE_CACHE_BYTES,
+    DEFAULT_TILE_THRESHOLD,
+    check_expression_length,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -132,10 +136,12 @@ def parse_expressions(text: str | None, max_expressions: int = DEFAULT_MAX_EXPRE
         ConfigError: no expression, or more than ``max_expressions``.
     """
     expressions = [" ".join(line.split()) for line in (text or "").splitlines() if line.strip()]
-    if not expressions:
-        raise ConfigError("type at least one referring expression (one per line)")
     if len(expressions) > max_expressions:
         raise ConfigError(f"{len(expressions)} expressions given; at most {max_expressions} per run")
+    for number, expression in enumerate(expressions, start=1):
+        check_expression_length(expression, f"expression {number}")
+    if not expressions:
+        raise ConfigError("type at least one referring expression (one per line)")
     return expressions
 
 

@@ -134,7 +134,11 @@ def test_errors_before_any_work(tiny_checkpoint, nodata_tif, tmp_path, capsys):
         ([], "no expression"),
         (["--text", "x", "--texts-file", str(tmp_path / "missing.txt")], "texts file"),
         (["--text", "x", "--batch-size", "0"], "--batch-size"),
+        (["--text", "x" * 20_000], "--text #1 has 20000 characters; at most 1000"),
     ]
+    long_file = tmp_path / "long.txt"
+    long_file.write_text("\ufeffok\n# comment\n" + "y" * 1001 + "\n", encoding="utf-8")
+    cases.append((["--texts-file", str(long_file)], f"{long_file}:3 has 1001 characters"))
     for extra, message in cases:
         code, _, err = _run(capsys, str(nodata_tif), *extra, "--checkpoint", str(tiny_checkpoint), "--out", str(out))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1

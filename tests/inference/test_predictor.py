@@ -124,6 +124,9 @@ def test_errors_without_image_and_with_bad_expressions(predictor):
 
 def test_helpers():
     assert check_expressions(["  the  ship ", "b"]) == ["the ship", "b"]
+    assert check_expressions(["a " * 500]) == ["a " * 499 + "a"]  # 999 characters after collapsing
+    with pytest.raises(ConfigError, match="expression 2 has 1001 characters"):
+        check_expressions(["ok", "x" * 1001])
     logits = torch.tensor([[0.0, 2.0], [-1.0, 5.0]])
     mask = torch.tensor([[True, False], [False, False]])
     assert mask_score(logits, mask) == pytest.approx(0.5)

@@ -31,7 +31,7 @@ from typing import Any
 
 from rsrefseg.cli.args import add_model_args, parse_pixels
 from rsrefseg.errors import ConfigError, DataError, RSRefSegError
-from rsrefseg.inference.defaults import DEFAULT_TILE_THRESHOLD
+from rsrefseg.inference.defaults import DEFAULT_TILE_THRESHOLD, check_expression_length
 
 #: Suffixes taken from a folder given as input.
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp", ".jp2", ".img", ".vrt"})
@@ -60,13 +60,15 @@ def collect_expressions(texts: list[str], texts_file: str | None) -> list[str]:
     for number, text in enumerate(texts, start=1):
         if not text.strip():
             raise ConfigError(f"--text #{number} is empty; every expression must contain text")
-        expressions.append(" ".join(text.split()))
+        expressions.append(check_expression_length(" ".join(text.split()), f"--text #{number}"))
     if texts_file is not None:
         try:
-            lines = Path(texts_file).read_text(encoding="utf-8").splitlines()
+            lines = Path(texts_file).read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{texts_file}: cannot read the texts file ({exc.__class__.__name__})") from None
-        expressions += [" ".join(line.split()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        expressions += [check_expression_length(" ".join(line.split()), f"{texts_file}:{number}")
+                        for number, line in enumerate(lines, start=1)
+                        if line.strip() and not line.lstrip().startswith("#")]
     if not expressions:
         raise ConfigError("no expression given; use --text or --texts-file")
     return expressions

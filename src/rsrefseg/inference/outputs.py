@@ -128,11 +128,28 @@ def overlay_image(rgb: np.ndarray, mask: np.ndarray, title: str) -> Image.Image:
     canvas = Image.new("RGB", (w, h + bar), (0, 0, 0))
     canvas.paste(body, (0, bar))
     draw = ImageDraw.Draw(canvas)
-    text = title
-    while len(text) > 1 and draw.textlength(text, font=font) > w - 8:
-        text = text[:-2] + "…"
-    draw.text((4, (bar - size) // 2), text, fill=(255, 255, 255), font=font)
+    draw.text((4, (bar - size) // 2), fit_text(draw, title, font, w - 8), fill=(255, 255, 255), font=font)
     return canvas
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: float) -> str:
+    """``text``, or its longest prefix + "…" that is at most ``width`` pixels wide.
+
+    A binary search over the prefix length after a cut at ``width`` characters (no glyph is
+    narrower than one pixel): O(log n) text measurements of at most ``width`` characters each,
+    whatever the length of ``text``.
+    """
+    if len(text) <= width and draw.textlength(text, font=font) <= width:
+        return text
+    text = text[: max(1, int(width))]
+    lo, hi = 0, len(text)  # the answer n: the largest prefix length with text[:n] + "…" fitting
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(text[:mid] + "…", font=font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + "…"
 
 
 def write_overlay_png(

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from rsrefseg.data.imageio import RasterImage, read_image
 from rsrefseg.data.transforms import ResizeMeta, logits_to_original, resize_image
 from rsrefseg.errors import ConfigError
+from rsrefseg.inference.defaults import check_expression_length
 from rsrefseg.modeling.rsrefseg import ImageFeatures, RSRefSeg, TextFeatures
 
 __all__ = ["BatchLogits", "EncodedImage", "ImageInput", "Prediction", "Predictor", "as_raster_image",
@@ -114,7 +115,8 @@ def check_expressions(expressions: Sequence[str]) -> list[str]:
 
     Raises:
         TypeError: a single string was passed instead of a list of strings.
-        ConfigError: the list is empty, or an expression is empty / whitespace only.
+        ConfigError: the list is empty, an expression is empty / whitespace only, or longer than
+            ``MAX_EXPRESSION_CHARS`` (:mod:`rsrefseg.inference.defaults`) characters.
     """
     if isinstance(expressions, str):
         raise TypeError("expressions must be a list of strings, not one string")
@@ -122,7 +124,7 @@ def check_expressions(expressions: Sequence[str]) -> list[str]:
     for number, text in enumerate(expressions, start=1):
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"expression {number} is empty; every expression must contain text")
-        cleaned.append(" ".join(text.split()))
+        cleaned.append(check_expression_length(" ".join(text.split()), f"expression {number}"))
     if not cleaned:
         raise ConfigError("no expression given")
     return cleaned
