@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rsrefseg.cli.args import add_model_args, parse_pixels
+from rsrefseg.cli.progress import add_progress_args, progress, progress_style
 from rsrefseg.errors import ConfigError, DataError, RSRefSegError
 from rsrefseg.inference.defaults import DEFAULT_TILE_THRESHOLD, check_expression_length
 
@@ -117,12 +118,6 @@ def _dist_state() -> Any:
     return state if state.num_processes > 1 else None
 
 
-def _progress(iterable: Any, quiet: bool, **kwargs: Any) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=quiet, dynamic_ncols=True, **kwargs)
-
-
 def _error_line(exc: Exception) -> str:
     if isinstance(exc, RSRefSegError):
         return str(exc)
@@ -150,7 +145,7 @@ def _process_image(predictor: Any, path: Path, folder: Path, expressions: list[s
             scene = predict_scene(
                 predictor, source, expressions, tile=args.tile, overlap=args.overlap,
                 batch_size=args.batch_size, threshold=args.threshold, heatmap=args.heatmaps,
-                progress=lambda it, n: _progress(it, args.quiet, total=n, desc="tiles", leave=False),
+                progress=lambda it, n: progress(it, progress_style(args), total=n, desc="tiles", leave=False),
             )
             preview, _ = source.preview(args.overlay_max_side)
         predictions = scene.predictions
@@ -238,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
     part = out / ("summary.json" if world == 1 else f"summary.rank{rank}.json")
     shard: Iterator[int] = iter(range(rank, len(inputs), world))
     desc = "predict" if world == 1 else f"predict [rank {rank}]"
-    for i in _progress(shard, args.quiet, total=len(range(rank, len(inputs), world)), desc=desc, unit="image"):
+    for i in progress(shard, progress_style(args), total=len(range(rank, len(inputs), world)), desc=desc,
+                      unit="image"):
         try:
             record = _process_image(predictor, inputs[i], out / folders[i], expressions, names, args)
             summary["images"].append({"input_index": i, **record})
@@ -299,5 +295,5 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--heatmaps", action="store_true",
                    help="also write <nn>_<expression>.heatmap.png, the text-activation heatmap over the image "
                         "(stitched from the tiles for tiled scenes)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress_args(p)
     p.set_defaults(func=run)
