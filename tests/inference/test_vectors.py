@@ -372,3 +372,22 @@ def test_merge_errors(tmp_path: Path) -> None:
         merge_vectors([garbage], tmp_path / "m.gpkg")
     assert not (tmp_path / "m.gpkg").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_merge_streams_one_layer_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = _write_samples(tmp_path / "in", ["gpkg", "fgb", "shp"])
+    events: list[str] = []
+    real_read, real_write = pyogrio.raw.read, vector_io.LayerWriter.write
+
+    def read(*args: Any, **kwargs: Any) -> Any:
+        events.append("read")
+        return real_read(*args, **kwargs)
+
+    def write(self: Any, geoms: Any, columns: Any) -> None:
+        events.append("write")
+        real_write(self, geoms, columns)
+
+    monkeypatch.setattr(pyogrio.raw, "read", read)
+    monkeypatch.setattr(vector_io.LayerWriter, "write", write)
+    merge_vectors([w[0] for w in written], tmp_path / "m.fgb")
+    assert events == ["read", "write"] * 3  # each input is written before the next one is read

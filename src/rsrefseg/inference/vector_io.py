@@ -38,7 +38,10 @@ __all__ = [
     "VECTOR_FORMATS",
     "LayerWriter",
     "VectorFormat",
+    "cast_value",
+    "field_kind",
     "shapefile_field_names",
+    "union_kind",
     "vector_files",
     "vector_format",
     "vector_path",
@@ -134,6 +137,33 @@ def vector_files(path: str | os.PathLike[str]) -> list[Path]:
     return [p for p in (main.with_suffix(s) for s in _SHAPEFILE_ORDER[::-1]) if p.is_file()]
 
 
+def field_kind(dtype: str) -> str:
+    """The layer field type (``int64``, ``float64`` or ``str``) for a numpy dtype name from pyogrio."""
+    if dtype == "bool" or dtype.startswith(("int", "uint")):
+        return "int64"
+    if dtype.startswith("float"):
+        return "float64"
+    return "str"
+
+
+def union_kind(a: str, b: str) -> str:
+    """The field type holding values of types ``a`` and ``b`` (int + float -> float, else str)."""
+    if a == b:
+        return a
+    if {a, b} <= {"int32", "int64", "float64"}:
+        return "float64" if "float64" in (a, b) else "int64"
+    return "str"
+
+
+def cast_value(value: Any, kind: str) -> Any:
+    """One field value converted to the merged layer's field type (``None`` for null)."""
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return None
+    if kind == "str":
+        return value if isinstance(value, str) else str(value)
+    return float(value) if kind == "float64" else int(value)
+
+
 def _cut_utf8(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` UTF-8 bytes, at a character boundary."""
     data = text.encode("utf-8")
@@ -204,12 +234,16 @@ class LayerWriter:
         self._tmpfile = self._tmpdir / self.path.name
         self._json: IO[str] | None = None
         if self.key == "geojson":
-            self._json = open(self._tmpfile, "w", encoding="utf-8")  # closed in commit/abort
             head: dict[str, Any] = {"type": "FeatureCollection", "name": LAYER}
             member = geojson_crs_member(crs)
             if member is not None and crs is not None:
                 head.update(crs=member, crs_wkt=crs.to_wkt())
-            self._json.write(json.dumps(head, ensure_ascii=False)[:-1] + ', "features": [\n')
+            try:
+                self._json = open(self._tmpfile, "w", encoding="utf-8")  # closed in commit/abort
+                self._json.write(json.dumps(head, ensure_ascii=False)[:-1] + ', "features": [\n')
+            except OSError as exc:
+                self.abort()
+                raise DataError(f"{self.path}: cannot write GeoJSON ({_one_line(exc)})") from exc
 
     @property
     def _label(self) -> str:

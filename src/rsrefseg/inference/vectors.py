@@ -64,6 +64,9 @@ from rsrefseg.inference.vector_io import (
     SHAPEFILE_MAX_BYTES,
     VECTOR_FORMATS,
     LayerWriter,
+    cast_value,
+    field_kind,
+    union_kind,
     vector_files,
     vector_format,
     vector_path,
@@ -273,33 +276,6 @@ def write_vectors(
 
 
 
-def _kind(dtype: str) -> str:
-    """The layer field type (``int64``, ``float64`` or ``str``) for a numpy dtype name from pyogrio."""
-    if dtype == "bool" or dtype.startswith(("int", "uint")):
-        return "int64"
-    if dtype.startswith("float"):
-        return "float64"
-    return "str"
-
-
-def _union_kind(a: str, b: str) -> str:
-    """The field type holding values of types ``a`` and ``b`` (int + float -> float, else str)."""
-    if a == b:
-        return a
-    if {a, b} <= {"int32", "int64", "float64"}:
-        return "float64" if "float64" in (a, b) else "int64"
-    return "str"
-
-
-def _cast(value: Any, kind: str) -> Any:
-    """One field value converted to the merged layer's field type (``None`` for null)."""
-    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
-        return None
-    if kind == "str":
-        return value if isinstance(value, str) else str(value)
-    return float(value) if kind == "float64" else int(value)
-
-
 def _canonical_names(names: Sequence[str], driver: str) -> list[str]:
     """Field names of an input layer with Shapefile short names (``perim_m``) mapped back to
     :data:`FIELDS` names."""
@@ -391,8 +367,10 @@ def merge_vectors(
             names = _canonical_names(list(info["fields"]), str(info.get("driver")))
             plan.append((path, layer, layer_crs, names))
             for name, dtype in zip(names, info["dtypes"]):
-                kind = FIELDS.get(name) or _kind(str(dtype))
-                fields[name] = kind if name not in fields or name in FIELDS else _union_kind(fields[name], kind)
+                kind = FIELDS.get(name) or field_kind(str(dtype))
+                fields[name] = kind if name not in fields or name in FIELDS else union_kind(fields[name], kind)
+    if not plan:
+        raise DataError(f"{Path(inputs[0])}: no vector layer to merge")
     if target is None:
         target = plan[0][2]
     writer = LayerWriter(Path(out), key, target, fields, "MultiPolygon" if multi else "Polygon")
@@ -414,7 +392,7 @@ def merge_vectors(
                     raise DataError(f"{label}: has no CRS, so it cannot be reprojected to the merge CRS")
                 geoms = _reproject(geoms, layer_crs, target, label)
             columns = {
-                name: [_cast(v, fields[name]) for v in np.asarray(values, dtype=object)[keep]]
+                name: [cast_value(v, fields[name]) for v in np.asarray(values, dtype=object)[keep]]
                 for name, values in zip(names, data)
             }
             writer.write(list(geoms), columns)
