@@ -11,7 +11,8 @@ with ``O_APPEND`` and ``fsync`` it; readers take a shared lock and only use comp
 (newline-terminated) lines that parse. A writer killed mid-line (SIGKILL) leaves a torn last line:
 readers ignore it and the next writer ends it with a newline first, so it stays one ignored line.
 ``flock`` works across processes, and across nodes on NFS (Linux maps it to NFS byte-range locks);
-on Lustre/BeeGFS the file system must be mounted with ``flock`` support.
+on Lustre/BeeGFS the file system must be mounted with ``flock`` support. On Windows (no
+``fcntl``) a ``msvcrt`` byte-range lock is used instead (readers then lock exclusively too).
 
 What is trusted: the manifest is our own file in the output folder. A line naming an absolute path
 or one with ``..`` never counts as done (it is not even ``stat``-ed), and invalid lines are skipped.
@@ -20,7 +21,6 @@ or one with ``..`` never counts as done (it is not even ``stat``-ed), and invali
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from rsrefseg.errors import DataError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: msvcrt byte-range lock (exclusive only)
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
 
 __all__ = ["LOCK_NAME", "MANIFEST_NAME", "Manifest", "ManifestEntry", "content_hash", "remove_temporaries"]
 
@@ -103,7 +109,15 @@ class Manifest:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            else:  # pragma: no cover - Windows
+                while True:
+                    try:
+                        msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises
+                        break
+                    except OSError:
+                        continue
             yield
         finally:
             os.close(fd)  # closing releases the lock
@@ -187,7 +201,7 @@ class Manifest:
                 fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
                 try:
                     size = os.fstat(fd).st_size
-                    if size and os.pread(fd, 1, size - 1) != b"\n":
+                    if size and os.lseek(fd, size - 1, os.SEEK_SET) >= 0 and os.read(fd, 1) != b"\n":
                         line = b"\n" + line  # end a torn line left by a killed writer
                     view = memoryview(line)
                     while view:
