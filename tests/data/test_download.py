@@ -40,6 +40,7 @@ def _leftovers(parent: Path, out: Path) -> list[str]:
 
 def test_download_lays_out_the_split_and_a_second_run_skips(fixture: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "data" / "nwpu"
+    (tmp_path / "data" / ".nwpu.tmp-stale" / "images").mkdir(parents=True)  # as a killed run leaves it
     with serve(fixture["root"]) as (url, state):
         result = download_nwpu(out, mirror=url, images_md5=fixture["images_md5"],
                                annotations_md5=fixture["annotations_md5"], split=fixture["split"])
@@ -185,6 +186,14 @@ def test_http_errors_and_bad_arguments(fixture: dict[str, Any], tmp_path: Path) 
     (taken / "something").write_text("x")
     with pytest.raises(DownloadError, match="exists and is not a finished NWPU VHR-10 download"):
         download_nwpu(taken, mirror="http://127.0.0.1:9/", split=fixture["split"])
+    with pytest.raises(DownloadError, match=r"something.*(Not a directory|File exists)"):  # a file as parent
+        download_nwpu(taken / "something" / "nwpu", mirror="http://127.0.0.1:9/", split=fixture["split"])
+    from rsrefseg.data.download import exclusive_lock
+
+    with exclusive_lock(tmp_path / ".e.downloads" / ".lock"), pytest.raises(
+        DownloadError, match="another download into this folder is running"
+    ):
+        download_nwpu(tmp_path / "e", mirror="http://127.0.0.1:9/", split=fixture["split"])
 
 
 def test_cli_errors_are_one_line(fixture: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,7 +32,7 @@ ProgressFn = Callable[[str, int, "int | None"], None]
 CHUNK = 1 << 20
 #: Seconds without a byte from the server before a download counts as interrupted.
 TIMEOUT_S = 60.0
-USER_AGENT = "rsrefseg-data-download (+https://github.com/KyanChen/RSRefSeg)"
+USER_AGENT = "rsrefseg-data-download/1 (python urllib)"
 
 
 class DownloadError(DataError):
@@ -124,22 +124,21 @@ def _download(url: str, part: Path, max_bytes: int, stage: str, on_progress: Pro
             raise DownloadError(f"{url}: {total} bytes announced, more than the {max_bytes} expected at most")
         done = offset
         with part.open(mode) as handle:
-            try:
-                while True:
+            while True:
+                try:
                     block = response.read(CHUNK)
-                    if not block:
-                        break
-                    done += len(block)
-                    if done > max_bytes:
-                        raise DownloadError(f"{url}: more than {max_bytes} bytes, more than expected; stopped")
-                    handle.write(block)
-                    if on_progress is not None:
-                        on_progress(stage, done, total)
-            except (http.client.IncompleteRead, OSError) as exc:  # connection closed or timed out mid-file
-                handle.flush()
-                size = f" of {total}" if total is not None else ""
-                raise DownloadInterrupted(f"{url}: download interrupted after {done}{size} bytes "
-                                          f"({type(exc).__name__}); run the command again to resume it") from None
+                except (http.client.IncompleteRead, OSError) as exc:  # connection closed or timed out mid-file
+                    size = f" of {total}" if total is not None else ""
+                    raise DownloadInterrupted(f"{url}: download interrupted after {done}{size} bytes "
+                                              f"({type(exc).__name__}); run the command again to resume it") from None
+                if not block:
+                    break
+                done += len(block)
+                if done > max_bytes:
+                    raise DownloadError(f"{url}: more than {max_bytes} bytes, more than expected; stopped")
+                handle.write(block)  # a full disk raises OSError here: reported by the caller as a file error
+                if on_progress is not None:
+                    on_progress(stage, done, total)
         if total is not None and done < total:
             raise DownloadInterrupted(f"{url}: download interrupted after {done} of {total} bytes; "
                                 "run the command again to resume it")

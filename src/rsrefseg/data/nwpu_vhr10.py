@@ -128,6 +128,15 @@ def download_nwpu(
     out = Path(out).expanduser()
     if is_complete(out):
         return DownloadResult(out, skipped=True)
+    try:
+        return _download_nwpu(out, mirror, images_md5, annotations_md5, keep_downloads, split, on_progress)
+    except OSError as exc:  # the file system: permissions, a full disk, a file where a folder should be
+        raise DownloadError(f"{exc.filename or out}: {exc.strerror or exc}") from None
+
+
+def _download_nwpu(out: Path, mirror: str | None, images_md5: str | None, annotations_md5: str | None,
+                   keep_downloads: bool, split: dict[str, Any] | None, on_progress: ProgressFn | None
+                   ) -> DownloadResult:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DownloadError(f"{out} exists and is not a finished NWPU VHR-10 download; remove it or choose "
                             "another --out")
