@@ -118,7 +118,8 @@ def _symlink_member(name: str) -> zipfile.ZipInfo:
     return info
 
 
-@pytest.mark.parametrize("case", ["traversal", "symlink", "oversized", "missing", "not_a_zip", "not_an_image"])
+@pytest.mark.parametrize("case", ["traversal", "symlink", "oversized", "too_much_in_all", "missing", "not_a_zip",
+                                  "not_an_image"])
 def test_unsafe_or_wrong_archives_are_refused(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     split = small_split()
     coco = synthetic_coco(split)
@@ -137,6 +138,9 @@ def test_unsafe_or_wrong_archives_are_refused(case: str, tmp_path: Path, monkeyp
     elif case == "oversized":
         monkeypatch.setattr(nwpu_vhr10, "MAX_IMAGE_BYTES", 100)
         expected = r"bytes, more than 100; refused"
+    elif case == "too_much_in_all":
+        monkeypatch.setattr(nwpu_vhr10, "MAX_IMAGES_BYTES", 1000)
+        expected = r"the chosen members hold \d+ bytes, more than 1000; refused"
     elif case == "missing":
         omit = frozenset({"005.jpg"})
         expected = r"first: 005.jpg"
@@ -169,6 +173,19 @@ def test_annotations_that_do_not_give_the_split_are_refused(tmp_path: Path) -> N
     ):
         download_nwpu(out, mirror=url, split=split, **md5s)
     assert not out.exists()
+
+
+def test_a_download_larger_than_its_limit_is_refused(fixture: dict[str, Any], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nwpu_vhr10, "MAX_ARCHIVE_BYTES", 100)
+    with serve(fixture["root"]) as (url, _), pytest.raises(
+        DownloadError, match=r"dataset.zip: \d+ bytes announced, more than the 100 expected at most"
+    ):
+        download_nwpu(tmp_path / "nwpu", mirror=url, images_md5=fixture["images_md5"],
+                      annotations_md5=fixture["annotations_md5"], split=fixture["split"])
+    assert not (tmp_path / "nwpu").exists()
+    assert not (tmp_path / ".nwpu.downloads" / f"{ZIP}.part").exists() or \
+        (tmp_path / ".nwpu.downloads" / f"{ZIP}.part").stat().st_size == 0
 
 
 def test_http_errors_and_bad_arguments(fixture: dict[str, Any], tmp_path: Path) -> None:

@@ -190,20 +190,26 @@ def extract_members(
     dest: Path,
     max_member_bytes: int,
     on_progress: ProgressFn | None = None,
+    max_total_bytes: int | None = None,
 ) -> list[str]:
     """Copy the members of a zip archive that ``pick`` names into ``dest``; returns the names written.
 
     ``pick(member_name)`` returns the output file name (a plain name, no folder) or None to skip the
     member. Output paths are never built from archive paths, so ``../`` or absolute member names
     cannot escape ``dest``. Members that are symbolic links, larger than ``max_member_bytes`` (as
-    declared or as actually decompressed) or mapped twice to one name are refused; the zip CRC of
-    every copied member is checked.
+    declared or as actually decompressed) or mapped twice to one name are refused, and so is a
+    selection declaring more than ``max_total_bytes`` in all; the zip CRC of every copied member is
+    checked.
     """
     written: list[str] = []
     try:
         with zipfile.ZipFile(archive) as zf:
             chosen = [(info, pick(info.filename.replace("\\", "/"))) for info in zf.infolist() if not info.is_dir()]
             chosen = [(info, name) for info, name in chosen if name is not None]
+            total = sum(info.file_size for info, _ in chosen)
+            if max_total_bytes is not None and total > max_total_bytes:
+                raise DownloadError(f"{archive}: the chosen members hold {total} bytes, more than "
+                                    f"{max_total_bytes}; refused")
             seen: set[str] = set()
             for k, (info, name) in enumerate(chosen):
                 if name in seen:
