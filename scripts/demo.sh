@@ -12,7 +12,8 @@
 #      another one of the same image (the model must score lower there if it reads the text)
 #   5. one validation image segmented for three expressions (overlay PNG)
 #
-# Needs no hub access. Environment: RSREFSEG_NWPU or RSREFSEG_DATA (where NWPU VHR-10 is),
+# Needs no hub access. Environment: RSREFSEG_NWPU or RSREFSEG_DATA (where NWPU VHR-10 is; without a
+# local copy it is downloaded once with `rsrefseg data download nwpu-vhr10` into .cache/nwpu-vhr10),
 # RSREFSEG_DEMO_DIR (output folder, default work_dirs/nwpu-demo), PYTHON (default .venv/bin/python).
 set -euo pipefail
 
@@ -29,12 +30,20 @@ DEMO=$RSREFSEG_DEMO_DIR
 start=$(date +%s)
 stamp() { echo; echo "== [$(( $(date +%s) - start ))s] $*"; }
 
+# NWPU VHR-10: $RSREFSEG_NWPU, else <data root>/nwpu-vhr10, else an earlier download (rsrefseg.paths);
+# when none holds it, download it from its public sources (checksums verified) into .cache/nwpu-vhr10.
+nwpu_ok() { [ -f "$1/annotations/instances_train.json" ] && [ -f "$1/annotations/instances_val.json" ] \
+            && [ -d "$1/images" ]; }
 NWPU=$("$PY" -c "from rsrefseg.paths import nwpu_root; print(nwpu_root())")
-if [ ! -f "$NWPU/annotations/instances_train.json" ] || [ ! -f "$NWPU/annotations/instances_val.json" ] \
-        || [ ! -d "$NWPU/images" ]; then
-    echo "error: NWPU VHR-10 not found at $NWPU (expected images/ and annotations/instances_{train,val}.json);" \
-         "set RSREFSEG_NWPU to its folder or RSREFSEG_DATA to the shared data root" >&2
-    exit 1
+if ! nwpu_ok "$NWPU"; then
+    if [ -n "${RSREFSEG_NWPU:-}" ]; then
+        echo "error: RSREFSEG_NWPU=$RSREFSEG_NWPU holds no NWPU VHR-10 (expected images/ and" \
+             "annotations/instances_{train,val}.json); unset it to download the data" >&2
+        exit 1
+    fi
+    NWPU=$("$PY" -c "from rsrefseg.paths import nwpu_download_root; print(nwpu_download_root())")
+    stamp "0/5 NWPU VHR-10 not found locally: downloading it from its public sources into $NWPU"
+    "${RSREFSEG[@]}" data download nwpu-vhr10 --out "$NWPU"
 fi
 export RSREFSEG_NWPU=$NWPU
 mkdir -p "$DEMO/data"

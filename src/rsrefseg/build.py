@@ -279,12 +279,13 @@ def build_model(config: RSRefSegConfig, device: str | torch.device | None = None
         raise ConfigError(f"sam_image_size is {config.sam_image_size} but {config.sam_model} takes {sam_size}")
     dual = DualEncoder(clip_model, tokenizer, config.clip_image_size, config.max_text_length, config.clip_bias_init)
     prompt_dim = sam.config.prompt_encoder_config.hidden_size
+    branches = config.prompter_branches()  # ablations may drop activation branches
     meta = device is not None and torch.device(device).type == "meta"
     if meta:
         with torch.device("meta"):
-            prompter = Prompter(dual.embed_dim, prompt_dim, config.down_spatial_times)
+            prompter = Prompter(dual.embed_dim, prompt_dim, config.down_spatial_times, branches)
     else:
-        prompter = _seeded(lambda: Prompter(dual.embed_dim, prompt_dim, config.down_spatial_times))
+        prompter = _seeded(lambda: Prompter(dual.embed_dim, prompt_dim, config.down_spatial_times, branches))
     model = RSRefSeg(config, dual, sam, prompter)  # type: ignore[arg-type]
     # Seeded, so that two builds of one config start from identical LoRA weights too.
     _seeded(lambda: apply_lora(model, config) or model)

@@ -40,8 +40,21 @@ class RSRefSegConfig:
     resize_mode: str = "stretch"
     # Number of [3x3 stride-2 conv + norm + GELU] blocks in the prompter (paper default 2).
     down_spatial_times: int = 2
-    # Feed the global activation logits to SAM's prompt encoder as a dense mask prompt.
+    # Feed the global activation logits to SAM's prompt encoder as a dense mask prompt (paper: on).
+    # Off = the "sparse prompts only" ablation: SAM's learned "no mask" embedding instead.
     use_dense_prompt: bool = True
+    # Feed the prompter's sparse prompt tokens to SAM's mask decoder (paper: on). Off = the "dense
+    # prompt only" ablation: the decoder sees its own output tokens and the dense prompt only (the
+    # prompter is then unused and frozen).
+    use_sparse_prompt: bool = True
+    # Feed the global activation branch sigmoid(scale * cos(V, pooled) + bias) * V to the prompter
+    # (paper: on). Off = the "no global activation" ablation (the global logits still make the
+    # dense prompt when use_dense_prompt is on).
+    use_global_activation: bool = True
+    # Feed the local activation branch (V + mean over real tokens of A_t * V) / 2 to the prompter
+    # (paper: on). With both activation branches off the prompter sees the plain visual features V
+    # only (the "no activation" ablation).
+    use_local_activation: bool = True
     # "lora": LoRA on the encoders + prompter + SAM prompt encoder/decoder trainable (paper);
     # "full": every parameter trainable (used to train the tiny preset from scratch).
     finetune: str = "lora"
@@ -73,7 +86,14 @@ class RSRefSegConfig:
             raise ConfigError(f"down_spatial_times must be >= 0, got {self.down_spatial_times}")
         if self.lora_r < 0:
             raise ConfigError(f"lora_r must be >= 0, got {self.lora_r}")
+        if not (self.use_sparse_prompt or self.use_dense_prompt):
+            raise ConfigError("use_sparse_prompt and use_dense_prompt are both false: SAM needs at least one prompt")
         return self
+
+    def prompter_branches(self) -> tuple[str, ...]:
+        """The feature maps the prompter concatenates, in order: ``local``, ``global``, ``visual``."""
+        flags = (("local", self.use_local_activation), ("global", self.use_global_activation), ("visual", True))
+        return tuple(name for name, on in flags if on)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field."""

@@ -25,11 +25,25 @@ def data_root() -> Path:
 
 
 def nwpu_root() -> Path:
-    """NWPU VHR-10 root (``images/`` and ``annotations/instances_{train,val}.json``)."""
+    """NWPU VHR-10 root (``images/`` and ``annotations/instances_{train,val}.json``): ``$RSREFSEG_NWPU``,
+    else ``<data root>/nwpu-vhr10``, else (when only that exists) :func:`nwpu_download_root`."""
     env = os.environ.get(NWPU_ENV)
     if env:
         return Path(env)
-    return data_root() / "nwpu-vhr10"
+    shared = data_root() / "nwpu-vhr10"
+    if not shared.is_dir() and not os.environ.get(DATA_ENV) and nwpu_download_root().is_dir():
+        return nwpu_download_root()
+    return shared
+
+
+def nwpu_download_root() -> Path:
+    """Where ``rsrefseg data download nwpu-vhr10`` writes by default: ``<repo>/.cache/nwpu-vhr10`` in a
+    source checkout (git-ignored), else ``$XDG_CACHE_HOME/rsrefseg/nwpu-vhr10`` (``~/.cache/...``)."""
+    root = repo_root()
+    if (root / "pyproject.toml").is_file():
+        return root / ".cache" / "nwpu-vhr10"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "rsrefseg" / "nwpu-vhr10"
 
 
 def geotiff_root() -> Path:

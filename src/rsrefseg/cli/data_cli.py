@@ -1,4 +1,4 @@
-"""``rsrefseg data ...`` subcommands: inspect, from-coco, convert-rrsisd.
+"""``rsrefseg data ...`` subcommands: inspect, from-coco, convert-rrsisd, download.
 
 Wire-up (in ``cli/main.py``)::
 
@@ -52,6 +52,61 @@ def cmd_convert_rrsisd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    """Download a public dataset, verify it and lay it out (``data download nwpu-vhr10``)."""
+    from rsrefseg.cli.progress import progress_style
+    from rsrefseg.data.nwpu_vhr10 import download_nwpu
+    from rsrefseg.paths import nwpu_download_root
+
+    out = args.out or str(nwpu_download_root())
+    reporter = _DownloadProgress(progress_style(args))
+    try:
+        result = download_nwpu(out, mirror=args.mirror, images_md5=args.images_md5,
+                               annotations_md5=args.annotations_md5, keep_downloads=args.keep_downloads,
+                               on_progress=reporter)
+    finally:
+        reporter.close()
+    if result.skipped:
+        print(f"{result.out}: already downloaded and verified; nothing to do")
+        return 0
+    counts = ", ".join(f"{split} {n} objects" for split, n in result.annotations.items())
+    same = all(result.identical.values())
+    print(f"{result.out}: {result.images} images, {counts}; split "
+          + ("byte-identical to the reference copy" if same else "as the shipped split list (bytes differ from the "
+             "reference copy's)"))
+    return 0
+
+
+class _DownloadProgress:
+    """``(stage, done, total)`` callback drawing a tqdm bar per stage, JSON lines, or nothing."""
+
+    def __init__(self, style: str) -> None:
+        self.style, self.stage, self.bar = style, None, None
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if self.style == "json":
+            from rsrefseg.cli.progress import emit
+
+            emit("progress", stage=stage, done=done, total=total,
+                 fraction=None if not total else round(min(1.0, done / total), 6), message="")
+        elif self.style == "bar":
+            if stage != self.stage:
+                from tqdm.auto import tqdm
+
+                self.close()
+                unit = "file" if stage == "extract" else "B"
+                self.stage = stage
+                self.bar = tqdm(total=total, desc=stage, unit=unit, unit_scale=unit == "B", dynamic_ncols=True)
+            if self.bar is not None:
+                self.bar.total = total
+                self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``data`` and its subcommands on an ``add_subparsers()`` object; returns the parser."""
     data = subparsers.add_parser("data", help="prepare and inspect referring datasets")
@@ -85,4 +140,29 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     rrsisd.add_argument("--instances", required=True, help="instances.json (COCO)")
     rrsisd.add_argument("--out", required=True, help="output folder for <split>.jsonl")
     rrsisd.set_defaults(func=cmd_convert_rrsisd)
+
+    from rsrefseg.cli.progress import add_progress_args
+
+    download = commands.add_parser(
+        "download", help="download a public dataset (NWPU VHR-10), verify its checksums and lay it out",
+        description="Download NWPU VHR-10 (images + COCO instance masks, the sources torchgeo documents), "
+        "verify the published MD5s, extract into a temporary folder renamed when complete, and write "
+        "annotations/instances_{train,val}.json with the shipped 520 / 130 split. An interrupted download "
+        "is resumed by the next run; a finished folder is left alone.",
+    )
+    download.add_argument("dataset", choices=["nwpu-vhr10"], help="dataset to download")
+    download.add_argument("--out", default=None,
+                          help="output folder (default: .cache/nwpu-vhr10 in a source checkout, else "
+                          "~/.cache/rsrefseg/nwpu-vhr10); rsrefseg finds it there when ../shared/data is absent")
+    download.add_argument("--mirror", default=None, metavar="URL",
+                          help="base URL holding 'NWPU VHR-10 dataset.zip' and annotations.json instead of the "
+                          "public sources (env RSREFSEG_NWPU_MIRROR)")
+    download.add_argument("--images-md5", default=None, help="expected MD5 of the image archive "
+                          "(env RSREFSEG_NWPU_IMAGES_MD5; default: the published one)")
+    download.add_argument("--annotations-md5", default=None, help="expected MD5 of annotations.json "
+                          "(env RSREFSEG_NWPU_ANNOTATIONS_MD5; default: the published one)")
+    download.add_argument("--keep-downloads", action="store_true",
+                          help="keep the downloaded archive and annotations next to the output folder")
+    add_progress_args(download)
+    download.set_defaults(func=cmd_download)
     return data

@@ -37,10 +37,15 @@ def lora_target_pattern(config: RSRefSegConfig) -> str | None:
 
 
 def apply_lora(model: nn.Module, config: RSRefSegConfig) -> None:
-    """Inject LoRA adapters in place and set ``requires_grad`` for the configured fine-tuning mode."""
+    """Inject LoRA adapters in place and set ``requires_grad`` for the configured fine-tuning mode.
+
+    The ablation switches ``lora_sam`` / ``lora_vision`` / ``lora_text`` choose the towers that get
+    adapters (all off = frozen encoders); without sparse prompts the prompter is unused and frozen.
+    """
     if config.finetune == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        _freeze_unused(model, config)
         return
     pattern = lora_target_pattern(config)
     if pattern is not None:
@@ -56,6 +61,15 @@ def apply_lora(model: nn.Module, config: RSRefSegConfig) -> None:
         inject_adapter_in_model(lora_config, model)
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name or name.startswith(TRAINED_PREFIXES))
+    _freeze_unused(model, config)
+
+
+def _freeze_unused(model: nn.Module, config: RSRefSegConfig) -> None:
+    """Parameters that the configured model never uses train no more (and stay out of checkpoints)."""
+    if not config.use_sparse_prompt:
+        for name, p in model.named_parameters():
+            if name.startswith("prompter."):
+                p.requires_grad_(False)
 
 
 def merge_lora(model: nn.Module) -> int:

@@ -31,20 +31,36 @@ def _conv_block(in_ch: int, out_ch: int, kernel: int, stride: int) -> nn.Sequent
     )
 
 
+#: The feature maps a prompter can concatenate, in their fixed order (the paper uses all three).
+BRANCHES = ("local", "global", "visual")
+
+
 class Prompter(nn.Module):
     """[local, global, V] (3D channels) -> sparse prompt tokens for SAM's mask decoder.
 
     1x1 conv to the prompt width + norm + GELU; add SAM's dense positional encoding for the grid;
     ``down_spatial_times`` x [3x3 stride-2 conv + norm + GELU]; 1x1 conv; flatten to tokens.
     For SigLIP so400m at 384 (27 x 27 patches) and two downsamplings this gives 7 x 7 = 49 tokens.
+    ``branches`` selects which of the three maps are concatenated (ablations drop the global or the
+    local activation, or both: plain visual features); the input width is ``len(branches) x D``.
     """
 
-    def __init__(self, in_channels: int, prompt_dim: int, down_spatial_times: int = 2) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        prompt_dim: int,
+        down_spatial_times: int = 2,
+        branches: tuple[str, ...] = BRANCHES,
+    ) -> None:
         super().__init__()
+        unknown = [b for b in branches if b not in BRANCHES]
+        if unknown or not branches or len(set(branches)) != len(branches):
+            raise ValueError(f"branches must be distinct names among {BRANCHES}, got {branches!r}")
         self.in_channels = in_channels
         self.prompt_dim = prompt_dim
         self.down_spatial_times = down_spatial_times
-        self.input_proj = _conv_block(3 * in_channels, prompt_dim, kernel=1, stride=1)
+        self.branches = tuple(b for b in BRANCHES if b in branches)  # always in the fixed order
+        self.input_proj = _conv_block(len(self.branches) * in_channels, prompt_dim, kernel=1, stride=1)
         self.down = nn.Sequential(
             *[_conv_block(prompt_dim, prompt_dim, kernel=3, stride=2) for _ in range(down_spatial_times)]
         )
@@ -65,13 +81,14 @@ class Prompter(nn.Module):
         pe_layer: SamPositionalEmbedding,
     ) -> torch.Tensor:
         """Args:
-            local, global_, visual: ``B x D x h x w`` each.
+            local, global_, visual: ``B x D x h x w`` each (only those in ``branches`` are used).
             pe_layer: SAM's shared positional embedding (gives the dense encoding of the grid).
 
         Returns:
             Sparse prompt tokens ``B x N x C`` (C = SAM prompt width, N = tokens after downsampling).
         """
-        x = torch.cat([local, global_, visual], dim=1)  # B x 3D x h x w
+        maps = {"local": local, "global": global_, "visual": visual}
+        x = torch.cat([maps[name] for name in self.branches], dim=1)  # B x (n_branches * D) x h x w
         x = x.to(self.output_proj.weight.dtype)
         x = self.input_proj(x)  # B x C x h x w
         x = x + grid_positional_encoding(pe_layer, x.shape[-2], x.shape[-1]).to(x.dtype)

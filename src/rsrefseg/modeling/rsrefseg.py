@@ -161,9 +161,12 @@ class RSRefSeg(nn.Module):
             raise ValueError(f"{sam_emb.shape[0]} images for {t} expressions; pass image_index")
         scale, bias = self.clip.scale_and_bias()
         act = self.activation(clip_patches, text.tokens, text.mask, text.pooled, scale, bias)
-        pe_layer = self.sam.shared_image_embedding
-        sparse = self.prompter(act.local, act.global_, act.visual, pe_layer)  # T x N x C
         dtype = sam_emb.dtype
+        sparse: torch.Tensor | None = None
+        if self.config.use_sparse_prompt:
+            pe_layer = self.sam.shared_image_embedding
+            tokens = self.prompter(act.local, act.global_, act.visual, pe_layer)  # T x N x C
+            sparse = tokens.to(dtype).unsqueeze(1)  # T x N x C -> T x 1 x N x C (one prompt set)
         if self.config.use_dense_prompt:
             size = (self.mask_input_size, self.mask_input_size)
             # T x 1 x h x w logits -> T x 1 x m x m, SAM's mask-input resolution.
@@ -177,7 +180,7 @@ class RSRefSeg(nn.Module):
         masks, iou = self.sam.mask_decoder(
             image_embeddings=sam_emb,
             image_positional_embeddings=pe,
-            sparse_prompt_embeddings=sparse.to(dtype).unsqueeze(1),  # T x 1 x N x C (one prompt set)
+            sparse_prompt_embeddings=sparse,  # None: SAM's output tokens only ("dense only" ablation)
             dense_prompt_embeddings=dense.to(dtype),
             multimask_output=False,
         )

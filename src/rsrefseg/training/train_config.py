@@ -20,7 +20,6 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rsrefseg.errors import ConfigError
@@ -365,23 +364,11 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config (None = defaults), apply dotted overrides and validate."""
-    import yaml
+    """Read a YAML config (None = defaults; a top-level ``base:`` key builds on another file, see
+    :mod:`rsrefseg.training.config_base`), apply dotted overrides and validate."""
+    from rsrefseg.training.config_base import read_config_file
 
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: not valid YAML{where}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data = loaded or {}
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     return config_from_dict(data)
