@@ -28,3 +28,12 @@ def test_cli_help_lists_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "rsrefseg", "--help"], capture_output=True, text=True, check=True)
     for command in ("info", "init-base", "data"):
         assert command in out.stdout
+
+
+def test_cli_help_imports_no_heavy_library() -> None:
+    code = (
+        "import sys; from rsrefseg.cli.main import build_parser; build_parser(); "
+        "print([m for m in ('torch', 'transformers', 'gradio', 'rasterio', 'pyogrio') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

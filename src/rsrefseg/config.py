@@ -11,6 +11,9 @@ from typing import Any
 from rsrefseg.errors import ConfigError
 from rsrefseg.utils import atomic_write_json
 
+#: Names of the presets (the keys of ``rsrefseg.build.PRESETS``, kept here free of torch so the
+#: command line can offer them without importing the model code; a test keeps them equal).
+PRESET_NAMES = ("clip-b16", "rsrefseg-b", "rsrefseg-h", "rsrefseg-l", "tiny")
 #: Prefix of a base-model id that means "random initialisation from the preset's own config".
 RANDOM_PREFIX = "random:"
 

@@ -9,8 +9,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 #: The issue's starting point ("Performance: a benchmark suite, and inference close to this
 #: machine's limit"), for the re-measurement: GFLOP/s, and (GFLOP, seconds) per stage.
 ISSUE_BASELINE = {
@@ -111,6 +109,8 @@ def run_suite(
     The torch thread count is restored afterwards (``threads`` only applies to this run).
     ``agreement``: ``(checkpoint, jsonl, images)`` of a trained model to compare bf16 and fp32 masks on.
     """
+    import torch  # here, not at the top: `rsrefseg --help` registers this module's arguments without torch
+
     previous_threads = torch.get_num_threads()
     if smoke:
         reps = 1
@@ -128,6 +128,8 @@ def run_suite(
 def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool, memory: bool,
          threads: int | None, argv: Sequence[str] | None, log: Callable[[str], None],
          agreement: tuple[str, str, str] | None = None) -> dict[str, Any]:
+    import torch
+
     from rsrefseg.bench.cpu import bench_model
     from rsrefseg.bench.gpu import NO_GPU, bench_gpu
     from rsrefseg.bench.memory import measure_memory

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
 
 
 def parameter_table(model: Any) -> list[tuple[str, int, int]]:
@@ -72,15 +73,15 @@ def _init_base(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    from rsrefseg.build import PRESETS
+    from rsrefseg.config import PRESET_NAMES
 
     p = subparsers.add_parser("info", help="parameter counts of a preset (built on the meta device, no download)")
-    p.add_argument("--preset", default="rsrefseg-b", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="rsrefseg-b", choices=PRESET_NAMES)
     p.add_argument("--finetune", default="lora", choices=["lora", "full"])
     p.set_defaults(func=_info)
     p = subparsers.add_parser(
         "init-base", help="write a preset's architecture with random weights as Hugging Face directories"
     )
-    p.add_argument("preset", choices=sorted(PRESETS))
+    p.add_argument("preset", choices=PRESET_NAMES)
     p.add_argument("directory")
     p.set_defaults(func=_init_base)
