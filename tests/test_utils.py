@@ -59,7 +59,7 @@ def test_remove_stale_temp_files_only_touches_our_names(tmp_path: Path) -> None:
         tmp_path / ".mask.tif.k2j4h5g6.tmp",  # atomic_path before the pid was in the name
         sub / f".00001.png.{dead_pid}-zzzzzzzz.tmp",
     ]
-    stale_dirs = [tmp_path / ".tmp-step-00000120", tmp_path / ".tmp-best", tmp_path / ".old-step-00000040",
+    stale_dirs = [tmp_path / ".tmp-step-00000120", tmp_path / ".tmp-best", tmp_path / ".old-step-00000120",
                   tmp_path / f".val-64.tmp-{dead_pid}"]
     kept = [
         tmp_path / ".notes.tmp",  # a user's file: not our pattern
@@ -68,7 +68,9 @@ def test_remove_stale_temp_files_only_touches_our_names(tmp_path: Path) -> None:
         tmp_path / ".x.abc.tmp",  # random part is not 8 characters
         tmp_path / "a.tmp",
     ]
-    kept_dirs = [tmp_path / "best", tmp_path / "step-00000120", tmp_path / ".tmp-other", tmp_path / ".old-best"]
+    # .old-step-00000040 without step-00000040: an interrupted swap's only copy, never deleted
+    kept_dirs = [tmp_path / "best", tmp_path / "step-00000120", tmp_path / ".tmp-other", tmp_path / ".old-best",
+                 tmp_path / ".old-step-00000040"]
     for path in stale + kept:
         path.write_text("x")
     for path in stale_dirs + kept_dirs:

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from rsrefseg.errors import OutputError, RSRefSegError
+
 
 def current_umask() -> int:
     """The process's umask: from ``/proc/self/status`` on Linux (no change to the process state,
@@ -47,22 +49,60 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     crash never leaves a half-written file behind.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # The pid in the name tells remove_stale_temp_files whether the writer may still be alive.
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=target.parent)
     try:
-        # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask).
-        os.fchmod(fd, 0o666 & ~current_umask())
-    finally:
-        os.close(fd)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # The pid in the name tells remove_stale_temp_files whether the writer may still be alive.
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp", dir=target.parent)
+        try:
+            # mkstemp creates 0600; give the file the mode a plain open() would (0666 & ~umask).
+            os.fchmod(fd, 0o666 & ~current_umask())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise write_error(target, exc) from exc
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, RSRefSegError):
+            raise write_error(target, exc) from exc
         raise
+
+
+def write_error(target: str | os.PathLike[str], exc: OSError) -> OutputError:
+    """The one-line :class:`OutputError` for a failed write of ``target`` (disk full, I/O error...)."""
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    code = f" [errno {exc.errno}]" if exc.errno else ""
+    return OutputError(f"{target}: cannot write ({reason}{code}); any previous file there is unchanged",
+                       exc.errno)
+
+
+def check_output_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Check, without creating anything, that ``path`` can be (or is) a folder we can write into.
+
+    Raises :class:`OutputError` naming ``flag`` and the path when ``path`` is an existing file, lies
+    under a file, or when its nearest existing folder refuses a new file (permissions, a read-only
+    file system). The probe is an unnamed temporary file (``O_TMPFILE`` where supported), so nothing
+    is left behind even if the process dies.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{flag} {target}: exists and is not a folder")
+    probe = target
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{flag} {target}: {probe} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputError(f"{flag} {target}: cannot write in {probe} ({reason})", exc.errno) from None
+    return target
 
 
 @contextlib.contextmanager
@@ -119,6 +159,9 @@ def _is_stale(entry: os.DirEntry[str], min_age_s: float, now: float) -> bool:
         match = _CHECKPOINT_TMP.match(entry.name) or _CACHE_TMP.match(entry.name)
     if match is None:
         return False
+    if entry.name.startswith(".old-") and not os.path.lexists(os.path.join(os.path.dirname(entry.path),
+                                                                          entry.name[len(".old-"):])):
+        return False  # a swap was interrupted: this is the only copy (rsrefseg.training.state restores it)
     pid = match.groupdict().get("pid")
     if pid is not None and _pid_alive(int(pid)):
         return False
