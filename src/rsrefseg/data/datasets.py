@@ -7,8 +7,8 @@ the record is counted in :attr:`ValidationReport.size_mismatch`. A larger disagr
 :class:`DataError` (or, with ``skip_bad=True``, a skipped record). Polygon segmentations are always
 rasterised at the image size.
 
-Bad records (missing image, undecodable mask, size disagreement) raise :class:`DataError` naming the
-record's ``file:line``. With ``skip_bad=True`` a validation pass at construction (image headers
+Bad records (missing image, undecodable mask, size disagreement, a ``file_name`` leaving the image
+folder: absolute or with ``..``) raise :class:`DataError` naming the record's ``file:line``. With ``skip_bad=True`` a validation pass at construction (image headers
 only, masks decoded) drops them and lists them in :attr:`ReferringDataset.skipped`; a sample is
 never silently replaced by another one.
 """
@@ -28,7 +28,14 @@ from torch.utils.data import Dataset
 
 from rsrefseg.data.imageio import image_size as header_size
 from rsrefseg.data.imageio import read_image
-from rsrefseg.data.records import RefRecord, decode_mask, read_jsonl, segmentation_size
+from rsrefseg.data.records import (
+    RefRecord,
+    check_file_names,
+    decode_mask,
+    read_jsonl,
+    segmentation_size,
+    unsafe_file_name,
+)
 from rsrefseg.data.transforms import RESIZE_MODES, resize_image, resize_mask
 from rsrefseg.errors import DataError
 
@@ -78,8 +85,8 @@ class ValidationReport:
     size_mismatch: list[str] = field(default_factory=list)
 
     def reasons(self) -> Counter[str]:
-        """Skipped records counted by kind ("missing image", "unreadable image", "bad mask",
-        "size mismatch")."""
+        """Skipped records counted by kind ("unsafe file name", "missing image", "unreadable image",
+        "bad mask", "size mismatch")."""
         return Counter(reason.split(":")[0] for _, reason in self.skipped)
 
 
@@ -127,6 +134,8 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         self.bands = bands
         self.records: list[RefRecord] = list(records)
         self.report: ValidationReport | None = None
+        if not skip_bad:
+            check_file_names(self.records)  # a name leaving the image folder is never opened
         if skip_bad:
             self.report = self.validate()
             bad = {source for source, _ in self.report.skipped}
@@ -162,6 +171,9 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         self, record: RefRecord, where: str
     ) -> tuple[str, str] | tuple[tuple[int, int], tuple[int, int]]:
         """(kind, detail) of the first problem of a record, or its (image_hw, mask_hw) if usable."""
+        unsafe = unsafe_file_name(record.file_name)
+        if unsafe is not None:
+            return "unsafe file name", f"{where}: file_name {record.file_name!r} {unsafe}"
         path = self.image_path(record)
         if not path.is_file():
             return "missing image", str(path)
@@ -198,6 +210,7 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         """Original-resolution ``(rgb H x W x 3 uint8, mask H x W bool, record)`` of one sample."""
         record = self.records[index]
         where = self._where(record, index)
+        check_file_names([record])
         path = self.image_path(record)
         if not path.is_file():
             raise DataError(f"{where}: image not found: {path}")

@@ -183,18 +183,22 @@ def save_resumable(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save_tree(capture_rng(), tmp / f"rng-{accelerator.process_index}{STATE_SUFFIX}", "rng")
-    sharded = optimizer_sharded(accelerator)
-    if sharded:  # every process holds its own shard (collective state_dict calls included)
-        save_tree(optimizer.state_dict(), tmp / optimizer_file(accelerator), "optimizer")
-    if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model), tmp, extra={"training": extra or {}})
-        if not sharded:
+    try:
+        save_tree(capture_rng(), tmp / f"rng-{accelerator.process_index}{STATE_SUFFIX}", "rng")
+        sharded = optimizer_sharded(accelerator)
+        if sharded:  # every process holds its own shard (collective state_dict calls included)
             save_tree(optimizer.state_dict(), tmp / optimizer_file(accelerator), "optimizer")
-        save_tree(scheduler.state_dict(), tmp / f"scheduler{STATE_SUFFIX}", "scheduler")
-        if getattr(accelerator, "scaler", None) is not None:
-            save_tree(accelerator.scaler.state_dict(), tmp / f"scaler{STATE_SUFFIX}", "scaler")
-        atomic_write_json(tmp / STATE_NAME, {**state.to_dict(), "num_processes": accelerator.num_processes})
+        if accelerator.is_main_process:
+            save_checkpoint(accelerator.unwrap_model(model), tmp, extra={"training": extra or {}})
+            if not sharded:
+                save_tree(optimizer.state_dict(), tmp / optimizer_file(accelerator), "optimizer")
+            save_tree(scheduler.state_dict(), tmp / f"scheduler{STATE_SUFFIX}", "scheduler")
+            if getattr(accelerator, "scaler", None) is not None:
+                save_tree(accelerator.scaler.state_dict(), tmp / f"scaler{STATE_SUFFIX}", "scaler")
+            atomic_write_json(tmp / STATE_NAME, {**state.to_dict(), "num_processes": accelerator.num_processes})
+    except BaseException:  # disk full, I/O error...: the previous checkpoints stay, no half folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _swap_in(tmp, final, root / f".old-{name}")
@@ -381,6 +385,10 @@ def save_best(root: Path, model: Any, info: dict[str, Any]) -> Path:
     """Replace ``root/best`` with the current trained part (new folder first, then an atomic swap)."""
     final, tmp = root / "best", root / ".tmp-best"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, tmp, extra={"best": info})
+    try:
+        save_checkpoint(model, tmp, extra={"best": info})
+    except BaseException:  # the previous best stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _swap_in(tmp, final, root / ".old-best")
     return final

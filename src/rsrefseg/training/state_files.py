@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from rsrefseg.errors import WeightsError
-from rsrefseg.utils import atomic_path
 
 #: ``format`` value in the metadata of the files written here.
 STATE_FORMAT = "rsrefseg-state-v1"
@@ -76,13 +75,12 @@ class _Encoder:
 
 def save_tree(obj: Any, path: str | os.PathLike[str], what: str = "state") -> None:
     """Write ``obj`` (a tree of plain values, tensors and numpy arrays) to ``path`` atomically."""
-    from safetensors.torch import save_file
+    from rsrefseg.checkpoint import save_safetensors
 
     encoder = _Encoder()
     tree = encoder.encode(obj, what)
     meta = {"format": STATE_FORMAT, TREE_KEY: json.dumps(tree, allow_nan=True, separators=(",", ":"))}
-    with atomic_path(path) as tmp:
-        save_file(encoder.tensors, str(tmp), metadata=meta)
+    save_safetensors(encoder.tensors, path, meta)
 
 
 class _Decoder:
