@@ -136,7 +136,7 @@ def read_checkpoint_config(config_path: Path) -> RSRefSegConfig:
     try:
         if config_path.stat().st_size > MAX_CONFIG_BYTES:
             raise WeightsError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes, not a checkpoint config")
-        payload = json.loads(config_path.read_text(encoding="utf-8"))
+        payload = json.loads(config_path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise WeightsError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError, RecursionError) as exc:

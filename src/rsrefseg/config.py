@@ -154,7 +154,7 @@ class RSRefSegConfig:
         """Read a ``config.json`` written by :meth:`save`."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
         except json.JSONDecodeError as exc:
