@@ -8,7 +8,7 @@ the record is counted in :attr:`ValidationReport.size_mismatch`. A larger disagr
 rasterised at the image size.
 
 Bad records (missing image, undecodable mask, size disagreement, a ``file_name`` leaving the image
-folder: absolute or with ``..``) raise :class:`DataError` naming the record's ``file:line``. With ``skip_bad=True`` a validation pass at construction (image headers
+folder: absolute or with ``..``, an empty or over-long expression) raise :class:`DataError` naming the record's ``file:line``. With ``skip_bad=True`` a validation pass at construction (image headers
 only, masks decoded) drops them and lists them in :attr:`ReferringDataset.skipped`; a sample is
 never silently replaced by another one.
 """
@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rsrefseg.data.imageio import MAX_IMAGE_PIXELS, check_pixels, read_image
 from rsrefseg.data.imageio import image_size as header_size
-from rsrefseg.data.imageio import read_image
 from rsrefseg.data.records import (
     RefRecord,
-    check_file_names,
+    check_records,
     decode_mask,
     read_jsonl,
+    record_problem,
     segmentation_size,
-    unsafe_file_name,
 )
 from rsrefseg.data.transforms import RESIZE_MODES, resize_image, resize_mask
 from rsrefseg.errors import DataError
@@ -85,8 +85,8 @@ class ValidationReport:
     size_mismatch: list[str] = field(default_factory=list)
 
     def reasons(self) -> Counter[str]:
-        """Skipped records counted by kind ("unsafe file name", "missing image", "unreadable image",
-        "bad mask", "size mismatch")."""
+        """Skipped records counted by kind ("unsafe file name", "bad expression", "missing image",
+        "unreadable image", "bad mask", "size mismatch")."""
         return Counter(reason.split(":")[0] for _, reason in self.skipped)
 
 
@@ -135,7 +135,7 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         self.records: list[RefRecord] = list(records)
         self.report: ValidationReport | None = None
         if not skip_bad:
-            check_file_names(self.records)  # a name leaving the image folder is never opened
+            check_records(self.records)  # names leaving the image folder, empty or over-long expressions
         if skip_bad:
             self.report = self.validate()
             bad = {source for source, _ in self.report.skipped}
@@ -171,14 +171,16 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         self, record: RefRecord, where: str
     ) -> tuple[str, str] | tuple[tuple[int, int], tuple[int, int]]:
         """(kind, detail) of the first problem of a record, or its (image_hw, mask_hw) if usable."""
-        unsafe = unsafe_file_name(record.file_name)
-        if unsafe is not None:
-            return "unsafe file name", f"{where}: file_name {record.file_name!r} {unsafe}"
+        problem = record_problem(record)
+        if problem is not None:
+            kind = "unsafe file name" if "file_name" in problem else "bad expression"
+            return kind, problem
         path = self.image_path(record)
         if not path.is_file():
             return "missing image", str(path)
         try:
             image_hw = header_size(path)
+            check_pixels(path, *image_hw, MAX_IMAGE_PIXELS)  # never decode a mask of a scene too large to read
         except DataError as exc:
             return "unreadable image", str(exc)
         try:
@@ -210,7 +212,7 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         """Original-resolution ``(rgb H x W x 3 uint8, mask H x W bool, record)`` of one sample."""
         record = self.records[index]
         where = self._where(record, index)
-        check_file_names([record])
+        check_records([record])
         path = self.image_path(record)
         if not path.is_file():
             raise DataError(f"{where}: image not found: {path}")

@@ -169,7 +169,7 @@ def _channel_index(chosen: tuple[int, int, int], unique: list[int]) -> tuple[int
     return unique.index(chosen[0]), unique.index(chosen[1]), unique.index(chosen[2])
 
 
-def _check_pixels(path: Path, height: int, width: int, max_pixels: int | None) -> None:
+def check_pixels(path: Path, height: int, width: int, max_pixels: int | None) -> None:
     """DataError when a ``height x width`` image is above ``max_pixels`` (checked from the header,
     before any pixel is decoded)."""
     if max_pixels is not None and height * width > max_pixels:
@@ -181,7 +181,7 @@ def _read_pil(path: Path, bands: tuple[int, ...] | None, stretch: tuple[float, f
               max_pixels: int | None = MAX_IMAGE_PIXELS) -> RasterImage:
     try:
         with Image.open(path) as img:
-            _check_pixels(path, img.height, img.width, max_pixels)
+            check_pixels(path, img.height, img.width, max_pixels)
             img.load()
             mode = img.mode
             if mode == "P":
@@ -224,7 +224,7 @@ def _read_rasterio(path: Path, bands: tuple[int, ...] | None, stretch: tuple[flo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with _open_rasterio(path) as src:
-            _check_pixels(path, src.height, src.width, max_pixels)
+            check_pixels(path, src.height, src.width, max_pixels)
             chosen = select_bands(src.count, bands, path)
             unique = sorted(set(chosen))
             try:

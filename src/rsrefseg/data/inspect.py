@@ -4,7 +4,7 @@ The report is a plain dict (JSON-serialisable): record and image counts, splits,
 expression lengths in words, mask areas in pixels (decoded from the RLE counts, which is exact and
 needs no full decode) and, with an image folder, missing images and image/mask size mismatches.
 
-Flagged (each counted, first 20 shown): undecodable masks, bounding boxes that are malformed,
+Flagged (each counted, first 20 shown): undecodable masks, empty or over-long expressions, bounding boxes that are malformed,
 negative or outside the image (the mask size, else the image size), duplicate records (same image,
 expression and mask as an earlier line; ``rsrefseg eval`` counts such a sample once),
 ``file_name`` values that leave the image folder (absolute, ``..``: never opened), missing images
@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 
 from rsrefseg.data.imageio import image_size
 from rsrefseg.data.records import (
+    expression_problem,
     find_duplicates,
     read_jsonl,
     segmentation_area,
@@ -85,6 +86,9 @@ def inspect_jsonl(
         reason = unsafe_file_name(record.file_name)
         if reason is not None:
             unsafe.append(f"{record.source}: file_name {record.file_name!r} {reason}")
+        bad_sent = expression_problem(record.sent)
+        if bad_sent is not None:
+            problems.append(f"{record.source}: {bad_sent}")
         mask_hw: tuple[int, int] | None = None
         try:
             mask_hw = segmentation_size(record.segmentation, record.source)

@@ -171,14 +171,37 @@ def unsafe_file_name(name: str) -> str | None:
     return None
 
 
-def check_file_names(records: list[RefRecord]) -> None:
-    """Raise :class:`DataError` ``"<file>:<line>: ..."`` for the first record whose ``file_name``
-    leaves the image folder (see :func:`unsafe_file_name`)."""
+def expression_problem(sent: str) -> str | None:
+    """Why ``sent`` cannot be used as a referring expression (empty, whitespace only, longer than
+    ``MAX_EXPRESSION_CHARS``), or None."""
+    from rsrefseg.inference.defaults import MAX_EXPRESSION_CHARS
+
+    if not sent.strip():
+        return "expression 'sent' is empty"
+    if len(sent) > MAX_EXPRESSION_CHARS:
+        return f"expression 'sent' has {len(sent)} characters; at most {MAX_EXPRESSION_CHARS} are accepted"
+    return None
+
+
+def record_problem(record: RefRecord) -> str | None:
+    """The one-line reason (naming ``file:line``) a record cannot be used for training or
+    evaluation before any file is opened: a ``file_name`` leaving the image folder (see
+    :func:`unsafe_file_name`) or an unusable expression (see :func:`expression_problem`)."""
+    where = record.source or "record"
+    reason = unsafe_file_name(record.file_name)
+    if reason is not None:
+        return (f"{where}: file_name {record.file_name!r} {reason}; file names must be relative to the image "
+                "folder and stay inside it")
+    reason = expression_problem(record.sent)
+    return None if reason is None else f"{where}: {reason}"
+
+
+def check_records(records: list[RefRecord]) -> None:
+    """Raise :class:`DataError` for the first record with a :func:`record_problem`."""
     for record in records:
-        reason = unsafe_file_name(record.file_name)
+        reason = record_problem(record)
         if reason is not None:
-            raise DataError(f"{record.source or 'record'}: file_name {record.file_name!r} {reason}; file names "
-                            "must be relative to the image folder and stay inside it")
+            raise DataError(reason)
 
 
 def record_key(record: RefRecord) -> str:

@@ -172,16 +172,14 @@ def _train(
                             "or choose another --work_dir")
     # Read (and check) the resumable state now: a bad or foreign folder fails before data and model.
     resume_files = read_resumable(resume_dir, accelerator) if resume_dir is not None else None
+    mcfg = model_config(config)
     if main:
         prepare_checkpoint_root(ckpt_root)  # an interrupted `best` swap repaired, temp folders of a killed run gone
         cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else work_dir / "cache"
         for folder, deep in ((work_dir, False), (work_dir / "logs", True), (work_dir / "report", True),
                              (cache_dir, False)):
             remove_stale_temp_files(folder, recursive=deep)  # only our temp names whose writer is gone
-        work_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(work_dir / "config.yaml", dump_config(config))
-    mcfg = model_config(config)
-    train_ds, val_ds, train_base, val_base = build_datasets(config, mcfg, accelerator)
+    train_ds, val_ds, train_base, val_base = build_datasets(config, mcfg, accelerator)  # records checked first
 
     set_seed(config.seed)
     model = build_from_preset(config.model.preset, base=config.model.base, clip=config.model.clip,
@@ -207,6 +205,9 @@ def _train(
         if main:
             print(f"resumed from {resume_dir} (epoch {state.epoch + 1}, batch {state.batch_in_epoch}, "
                   f"step {state.global_step})")
+    if main:  # every input checked (config, data, resumable state): the run's own files start here
+        work_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work_dir / "config.yaml", dump_config(config))
     log = _LossLog(work_dir / "logs" / "losses.csv", state.global_step if resume_dir else None) if main else None
     writer = None
     if main and config.tensorboard:
