@@ -21,6 +21,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class _Marker:
 def _build_sandbox(root: Path) -> dict[str, Any]:
     """Every bad file of the table (small: the largest is ~0.6 MB)."""
     import rasterio
+    import rasterio.errors
     import torch
     from PIL import Image
     from safetensors.torch import save_file
@@ -109,8 +111,11 @@ def _build_sandbox(root: Path) -> dict[str, Any]:
                "compress": "deflate", "sparse_ok": True}
     with rasterio.open(img / "huge.tif", "w", width=50_000, height=50_000, count=1, **profile):
         pass  # nothing written: a sparse 50000 x 50000 file of ~40 KB
-    with rasterio.open(img / "twoband.tif", "w", width=50, height=40, count=2, dtype="uint8", driver="GTiff") as dst:
-        dst.write(np.zeros((2, 40, 50), dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(img / "twoband.tif", "w", width=50, height=40, count=2, dtype="uint8",
+                           driver="GTiff") as dst:
+            dst.write(np.zeros((2, 40, 50), dtype=np.uint8))
     f["images"] = str(img)
     f["good_image"] = str(img / "a.png")
 

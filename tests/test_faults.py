@@ -166,7 +166,11 @@ def test_fault_mid_metrics_json_keeps_the_previous_one(eval_setup: dict[str, Pat
     out = tmp_path / "eval"
     args = ["eval", "--checkpoint", str(eval_setup["ckpt"]), "--data", str(eval_setup["val"]), "--images",
             str(eval_setup["images"]), "--overlays", "0", "--out", str(out)]
+    out.mkdir()
+    stale = out / ".metrics.json.999999999-abcdefgh.tmp"  # what a SIGKILLed run leaves (no such pid)
+    stale.write_text("{")
     assert main(args) == 0
+    assert not stale.exists()  # the next run into the folder removed it
     capsys.readouterr()
     metrics = (out / "metrics.json").read_bytes()
     listing = _listing(out)
