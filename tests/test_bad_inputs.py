@@ -109,10 +109,10 @@ def _build_sandbox(root: Path) -> dict[str, Any]:
     (img / "bomb.png").write_bytes(_bomb_png(14_000))
     profile = {"driver": "GTiff", "dtype": "uint8", "tiled": True, "blockxsize": 512, "blockysize": 512,
                "compress": "deflate", "sparse_ok": True}
-    with rasterio.open(img / "huge.tif", "w", width=50_000, height=50_000, count=1, **profile):
-        pass  # nothing written: a sparse 50000 x 50000 file of ~40 KB
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # plain rasters without georeferencing, on purpose
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(img / "huge.tif", "w", width=50_000, height=50_000, count=1, **profile):
+            pass  # nothing written: a sparse 50000 x 50000 file of ~40 KB
         with rasterio.open(img / "twoband.tif", "w", width=50, height=40, count=2, dtype="uint8",
                            driver="GTiff") as dst:
             dst.write(np.zeros((2, 40, 50), dtype=np.uint8))
