@@ -15,14 +15,16 @@ keys and shapes against the model's trainable parameters exactly; any difference
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rsrefseg.config import RSRefSegConfig
-from rsrefseg.errors import CheckpointMismatchError, WeightsError
-from rsrefseg.utils import atomic_path, atomic_write_json
+from rsrefseg.config import RANDOM_PREFIX, RSRefSegConfig
+from rsrefseg.errors import CheckpointMismatchError, RSRefSegError, WeightsError
+from rsrefseg.utils import atomic_path, atomic_write_json, write_error
 
 FORMAT = "rsrefseg-trained-v1"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,16 +43,35 @@ def _metadata(config: RSRefSegConfig) -> dict[str, str]:
     }
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` into ``path`` atomically; a failed write (disk full, I/O
+    error: safetensors reports them as ``SafetensorError``) raises :class:`OutputError` naming
+    ``path``, and any previous file there is left unchanged."""
+    import safetensors.torch
+
+    with atomic_path(path) as tmp:
+        try:
+            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as exc:
+            found = re.search(r"os error (\d+)", str(exc))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code)) from exc
+
+
 def save_checkpoint(model: Any, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the trained part of ``model`` and its config into ``directory`` (atomically, file by file)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(directory, exc) from None
     state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
     meta = _metadata(model.config)
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    save_safetensors(state, directory / WEIGHTS_NAME, meta)
     payload = {"format": FORMAT, "model": model.config.to_dict(), "base": meta, **(extra or {})}
     atomic_write_json(directory / CONFIG_NAME, payload)
     return directory
@@ -106,6 +127,61 @@ def load_trained_state(model: Any, state: dict[str, torch.Tensor], source: str =
             params[key].copy_(value.to(params[key].dtype))
 
 
+#: Largest config.json read (a real one is ~2 KB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_checkpoint_config(config_path: Path) -> RSRefSegConfig:
+    """The validated model config of a checkpoint's ``config.json`` (one-line errors naming it)."""
+    try:
+        if config_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise WeightsError(f"{config_path}: larger than {MAX_CONFIG_BYTES} bytes, not a checkpoint config")
+        payload = json.loads(config_path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as exc:
+        raise WeightsError(f"{config_path}: cannot read ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model", {}), dict):
+        raise WeightsError(f"{config_path}: expected a JSON object with a \"model\" object")
+    return RSRefSegConfig.from_dict(payload.get("model", {}), source=str(config_path))
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable``), None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_model_size(config: RSRefSegConfig, source: str) -> None:
+    """Refuse a config whose ``arch_overrides`` make a random-initialised model larger than this
+    machine's available memory (built on the meta device first: no memory is used)."""
+    random_clip, random_sam = (config.clip_model.startswith(RANDOM_PREFIX),
+                               config.sam_model.startswith(RANDOM_PREFIX))
+    if not (config.arch_overrides and (random_clip or random_sam)):
+        return
+    from rsrefseg.build import load_clip, load_sam
+
+    try:
+        parts = ([load_clip(config, "meta")[0]] if random_clip else []) + (
+            [load_sam(config, "meta")] if random_sam else [])
+    except RSRefSegError:
+        raise
+    except Exception as exc:  # transformers/huggingface_hub validation errors of many classes
+        message = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise WeightsError(f"{source}: the model it describes cannot be built ({message})") from None
+    needed = sum(p.numel() * 4 for part in parts for p in part.parameters())  # fp32 weights alone
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise WeightsError(f"{source}: arch_overrides describe a model of {needed / 2**30:.1f} GiB of weights, "
+                           f"more than the {available / 2**30:.1f} GiB of memory available")
+
+
 def load_checkpoint(
     directory: str | Path,
     device: str | torch.device | None = None,
@@ -122,17 +198,20 @@ def load_checkpoint(
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise WeightsError(f"{directory}: not a checkpoint directory (no {CONFIG_NAME})")
-    try:
-        payload = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    config = RSRefSegConfig.from_dict(payload.get("model", {}), source=str(config_path))
+    config = read_checkpoint_config(config_path)
     if clip is not None:
         config.clip_model = clip
     if sam is not None:
         config.sam_model = sam
     state, _ = read_trained_state(directory / WEIGHTS_NAME)
-    model = build_model(config)
+    check_model_size(config, str(config_path))
+    try:
+        model = build_model(config)
+    except RSRefSegError:
+        raise
+    except Exception as exc:  # e.g. arch_overrides of the wrong kind (transformers' own validation errors)
+        message = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise WeightsError(f"{config_path}: the model it describes cannot be built ({message})") from None
     load_trained_state(model, state, source=str(directory / WEIGHTS_NAME))
     if device is not None:
         model.to(device)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,11 +14,43 @@ from typing import Any
 from rsrefseg.errors import ConfigError
 from rsrefseg.utils import atomic_write_json
 
-#: Names of the presets (the keys of ``rsrefseg.build.PRESETS``, kept here free of torch so the
-#: command line can offer them without importing the model code; a test keeps them equal).
-PRESET_NAMES = ("clip-b16", "rsrefseg-b", "rsrefseg-h", "rsrefseg-l", "tiny")
 #: Prefix of a base-model id that means "random initialisation from the preset's own config".
 RANDOM_PREFIX = "random:"
+#: Names of the presets (the keys of ``rsrefseg.build.PRESETS``, sorted, kept here free of torch so
+#: the command line can offer them without importing the model code; a test keeps them equal).
+PRESET_NAMES = ("clip-b16", "rsrefseg-b", "rsrefseg-h", "rsrefseg-l", "tiny")
+
+
+#: Largest image side / text length a config may ask for (the full presets use 1024 / 384 / 64).
+MAX_SIDE = 8192
+
+
+def _has_type(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` (from JSON) has the annotated type: bool is not an int, an int is a float."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(annotation, "a mapping" if typing.get_origin(annotation) is dict else str(annotation))
 
 
 @dataclass
@@ -81,6 +116,8 @@ class RSRefSegConfig:
 
     def validate(self) -> RSRefSegConfig:
         """Raise :class:`ConfigError` for an impossible combination of values."""
+        if self.preset not in PRESET_NAMES:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_NAMES)}")
         if self.resize_mode not in ("stretch", "longest_side"):
             raise ConfigError(f"resize_mode must be 'stretch' or 'longest_side', got {self.resize_mode!r}")
         if self.finetune not in ("lora", "full"):
@@ -91,6 +128,11 @@ class RSRefSegConfig:
             raise ConfigError(f"lora_r must be >= 0, got {self.lora_r}")
         if not (self.use_sparse_prompt or self.use_dense_prompt):
             raise ConfigError("use_sparse_prompt and use_dense_prompt are both false: SAM needs at least one prompt")
+        for name in ("sam_image_size", "clip_image_size", "max_text_length"):
+            if not 1 <= getattr(self, name) <= MAX_SIDE:
+                raise ConfigError(f"{name} must be in [1, {MAX_SIDE}], got {getattr(self, name)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         return self
 
     def prompter_branches(self) -> tuple[str, ...]:
@@ -103,13 +145,26 @@ class RSRefSegConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RSRefSegConfig:
-        """Build from a dict; unknown keys raise :class:`ConfigError` naming them."""
+    def from_dict(cls, data: Any, source: str = "config") -> RSRefSegConfig:
+        """Build from a dict; unknown keys, values of the wrong type (``lora_r: "abc"``, checked
+        against the field annotations: no conversion) and impossible values raise
+        :class:`ConfigError` naming ``source`` and the key."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the model config must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=str)
         if unknown:
-            raise ConfigError(f"{source}: unknown model config key(s): {', '.join(unknown)}")
-        return cls(**data).validate()
+            raise ConfigError(f"{source}: unknown model config key(s): {', '.join(map(str, unknown))}")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            if not _has_type(value, hints[name]):
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                raise ConfigError(f"{source}: model config key {name!r} must be {_type_name(hints[name])}, "
+                                  f"got {shown}")
+        try:
+            return cls(**data).validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     def save(self, path: str | Path) -> None:
         """Write ``config.json`` atomically."""
@@ -120,9 +175,13 @@ class RSRefSegConfig:
         """Read a ``config.json`` written by :meth:`save`."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({type(exc).__name__})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data.get("model", data), source=str(path))

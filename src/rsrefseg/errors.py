@@ -24,6 +24,23 @@ class ConfigError(RSRefSegError):
     """A configuration key or value is not valid."""
 
 
+class OutputError(RSRefSegError, OSError):
+    """An output cannot be written (disk full, I/O error, no permission, not a folder).
+
+    Also an :class:`OSError` (``errno`` kept), so code catching ``OSError`` still catches it.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        if errno is None:
+            super().__init__(message)
+        else:
+            super().__init__(errno, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class CheckpointMismatchError(WeightsError):
     """A checkpoint's keys or shapes do not match the model it is loaded into."""
 

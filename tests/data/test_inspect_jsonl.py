@@ -60,7 +60,8 @@ def test_inspect_reports_missing_images_mismatches_and_bad_masks(tmp_path: Path)
     assert report["problems"] == 1 and f"{path}:3: RLE counts do not cover" in report["problem_examples"][0]
     assert report["mask_area_px"]["p50"] == 100.0  # 100, 100 and the ~400 px polygon
     without_images = inspect_jsonl(path)
-    assert without_images["problems"] == 2  # the polygon's area needs the image size
+    assert without_images["problems"] == 1  # the polygon's area needs the image size: noted, not a problem
+    assert without_images["polygon_areas_unknown"] == 1
     assert "size mismatches (image vs mask): 1" in format_report(report)
 
 

@@ -131,9 +131,3 @@ def test_official_configs_load_from_local_directories(tmp_path: Path) -> None:
         text = model.encode_text(["the storage tank on the far left"])
     assert text.tokens.shape == (1, 64, 1152) and text.pooled.shape == (1, 1152)
 
-
-def test_preset_names_are_the_presets() -> None:
-    from rsrefseg.build import PRESETS
-    from rsrefseg.config import PRESET_NAMES
-
-    assert tuple(sorted(PRESETS)) == PRESET_NAMES

@@ -32,6 +32,6 @@ def test_two_processes_hold_identical_weights(synthetic: dict[str, Path], tmp_pa
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert ckpts == ["step-00000002", "step-00000003"]
     for rank in (0, 1):
-        assert (tmp_path / "run" / "checkpoints" / "step-00000003" / f"rng-{rank}.pt").is_file()
+        assert (tmp_path / "run" / "checkpoints" / "step-00000003" / f"rng-{rank}.safetensors").is_file()
     assert (tmp_path / "run" / "report" / "metrics.json").is_file()
     assert "stopped by max_steps" in done.stdout

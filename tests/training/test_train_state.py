@@ -53,7 +53,8 @@ def test_save_load_prune_and_resume_lookup(tmp_path: Path) -> None:
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     assert first.name == "step-00000017"
     assert sorted(p.name for p in first.iterdir()) == [
-        "config.json", "model.safetensors", "optimizer.pt", "rng-0.pt", "scheduler.pt", "trainer_state.json"]
+        "config.json", "model.safetensors", "optimizer.safetensors", "rng-0.safetensors", "scheduler.safetensors",
+        "trainer_state.json"]
     save_resumable(root, acc, model, optimizer, scheduler, state)  # the same step again replaces it
     for step in (20, 30):
         state.global_step = step
@@ -104,8 +105,8 @@ def test_sharded_optimizer_state_is_saved_per_process(tmp_path: Path) -> None:
     optimizer.step()
     acc = _accelerator(kind="DEEPSPEED")
     saved = save_resumable(tmp_path, acc, model, optimizer, scheduler, TrainerState(global_step=3))
-    assert optimizer_file(acc) == "optimizer-0.pt"
-    assert (saved / "optimizer-0.pt").is_file() and not (saved / "optimizer.pt").exists()
+    assert optimizer_file(acc) == "optimizer-0.safetensors"
+    assert (saved / "optimizer-0.safetensors").is_file() and not (saved / "optimizer.safetensors").exists()
     opt2 = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     load_resumable(saved, acc, model, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda step: 1.0))
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])

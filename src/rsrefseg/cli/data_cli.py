@@ -17,12 +17,13 @@ from typing import Any
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print statistics of a JSONL file (``--json`` for machine-readable output)."""
-    from rsrefseg.data.inspect import format_report, inspect_jsonl
+    """Print statistics of a JSONL file (``--json`` for machine-readable output); exit 1 when it
+    flags problems, 0 when clean (2, through the main command, for an unusable file)."""
+    from rsrefseg.data.inspect import format_report, has_problems, inspect_jsonl
 
     report = inspect_jsonl(args.file, image_dir=args.images)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    return 1 if has_problems(report) else 0
 
 
 def cmd_from_coco(args: argparse.Namespace) -> int:
@@ -112,7 +113,11 @@ def add_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     data = subparsers.add_parser("data", help="prepare and inspect referring datasets")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 
-    inspect = commands.add_parser("inspect", help="statistics of a referring JSONL file")
+    inspect = commands.add_parser(
+        "inspect", help="statistics and problems of a referring JSONL file (exit 1 if problems are found)",
+        description="Statistics of a referring JSONL file. Exit status: 0 clean, 1 problems found (bad masks or "
+                    "bboxes, duplicates, file names leaving the image folder, missing images, size mismatches), "
+                    "2 unusable input.")
     inspect.add_argument("file", help="JSONL file of records")
     inspect.add_argument("--images", default=None, help="image folder: also check images and sizes")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -41,18 +41,32 @@ def _write_csv(path: Path, rows: list[Any]) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
-    from rsrefseg.checkpoint import load_checkpoint
+    from rsrefseg.checkpoint import CONFIG_NAME, load_checkpoint, read_checkpoint_config
+    from rsrefseg.errors import WeightsError
     from rsrefseg.evaluation import evaluate, evaluate_baselines
     from rsrefseg.metrics import format_table
     from rsrefseg.modeling.optimize import optimize_for_inference
     from rsrefseg.training.report import markdown_table, save_overlay
-    from rsrefseg.utils import atomic_write_json
+    from rsrefseg.utils import atomic_write_json, check_output_dir, remove_stale_temp_files, write_error
 
+    # Everything a user can get wrong is checked before the model is loaded and before anything is written.
+    if args.out:
+        check_output_dir(args.out, "--out")
+    config_path = Path(args.checkpoint) / CONFIG_NAME
+    if not config_path.is_file():
+        raise WeightsError(f"{args.checkpoint}: not a checkpoint directory (no {CONFIG_NAME})")
+    config = read_checkpoint_config(config_path)
+    mode = args.resize_mode or config.resize_mode
+    dataset = _dataset(args.data, args.images, args.split, config.sam_image_size, mode, args.skip_bad)
+    train_ds = None
+    if args.train_data:  # the training set of the fixed-box baseline
+        train_ds = _dataset(args.train_data, args.train_images or args.images, None, config.sam_image_size, mode,
+                            args.skip_bad, ("--train-data", "--train-images"))
     accelerator = Accelerator()
+    if args.out and accelerator.is_main_process:
+        remove_stale_temp_files(args.out, recursive=True)  # what a killed earlier run left (our names only)
     model = load_checkpoint(args.checkpoint, clip=args.clip, sam=args.sam).to(accelerator.device)
     optimize_for_inference(model, args.precision)  # LoRA merged, fast kernels; bf16 on request
-    mode = args.resize_mode or model.config.resize_mode
-    dataset = _dataset(args.data, args.images, args.split, model.config.sam_image_size, mode, args.skip_bad)
     if args.cache_dir:
         from rsrefseg.training.data import CachedDataset
 
@@ -74,10 +88,6 @@ def _eval(args: argparse.Namespace) -> int:
                                "num_processes": accelerator.num_processes, **result.metrics}
     print(format_table(result.metrics))
     if args.baselines or args.train_data:
-        train_ds = None
-        if args.train_data:
-            train_ds = _dataset(args.train_data, args.train_images or args.images, None,
-                                model.config.sam_image_size, mode, args.skip_bad, ("--train-data", "--train-images"))
         baselines = evaluate_baselines(dataset, train_ds, strict=args.strict_pr)
         payload["baselines"] = baselines
         table = {"model": result.metrics, "baseline: empty mask": baselines["empty"],
@@ -91,7 +101,10 @@ def _eval(args: argparse.Namespace) -> int:
                                      "expression swapped within the image": control["swapped_expressions"]}))
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(out, exc) from None
         atomic_write_json(out / "metrics.json", payload)
         _write_csv(out / "per_sample.csv", result.rows)
         by_index = {r.index: r for r in result.rows}

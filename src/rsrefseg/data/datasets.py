@@ -7,8 +7,8 @@ the record is counted in :attr:`ValidationReport.size_mismatch`. A larger disagr
 :class:`DataError` (or, with ``skip_bad=True``, a skipped record). Polygon segmentations are always
 rasterised at the image size.
 
-Bad records (missing image, undecodable mask, size disagreement) raise :class:`DataError` naming the
-record's ``file:line``. With ``skip_bad=True`` a validation pass at construction (image headers
+Bad records (missing image, undecodable mask, size disagreement, a ``file_name`` leaving the image
+folder: absolute or with ``..``, an empty or over-long expression) raise :class:`DataError` naming the record's ``file:line``. With ``skip_bad=True`` a validation pass at construction (image headers
 only, masks decoded) drops them and lists them in :attr:`ReferringDataset.skipped`; a sample is
 never silently replaced by another one.
 """
@@ -26,9 +26,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from rsrefseg.data.imageio import MAX_IMAGE_PIXELS, check_pixels, read_image
 from rsrefseg.data.imageio import image_size as header_size
-from rsrefseg.data.imageio import read_image
-from rsrefseg.data.records import RefRecord, decode_mask, read_jsonl, segmentation_size
+from rsrefseg.data.records import (
+    RefRecord,
+    check_records,
+    decode_mask,
+    read_jsonl,
+    record_problem,
+    segmentation_size,
+)
 from rsrefseg.data.transforms import RESIZE_MODES, resize_image, resize_mask
 from rsrefseg.errors import DataError
 
@@ -78,8 +85,8 @@ class ValidationReport:
     size_mismatch: list[str] = field(default_factory=list)
 
     def reasons(self) -> Counter[str]:
-        """Skipped records counted by kind ("missing image", "unreadable image", "bad mask",
-        "size mismatch")."""
+        """Skipped records counted by kind ("unsafe file name", "bad expression", "missing image",
+        "unreadable image", "bad mask", "size mismatch")."""
         return Counter(reason.split(":")[0] for _, reason in self.skipped)
 
 
@@ -127,6 +134,8 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         self.bands = bands
         self.records: list[RefRecord] = list(records)
         self.report: ValidationReport | None = None
+        if not skip_bad:
+            check_records(self.records)  # names leaving the image folder, empty or over-long expressions
         if skip_bad:
             self.report = self.validate()
             bad = {source for source, _ in self.report.skipped}
@@ -162,11 +171,16 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         self, record: RefRecord, where: str
     ) -> tuple[str, str] | tuple[tuple[int, int], tuple[int, int]]:
         """(kind, detail) of the first problem of a record, or its (image_hw, mask_hw) if usable."""
+        problem = record_problem(record)
+        if problem is not None:
+            kind = "unsafe file name" if "file_name" in problem else "bad expression"
+            return kind, problem
         path = self.image_path(record)
         if not path.is_file():
             return "missing image", str(path)
         try:
             image_hw = header_size(path)
+            check_pixels(path, *image_hw, MAX_IMAGE_PIXELS)  # never decode a mask of a scene too large to read
         except DataError as exc:
             return "unreadable image", str(exc)
         try:
@@ -198,6 +212,7 @@ class ReferringDataset(Dataset[dict[str, Any]]):
         """Original-resolution ``(rgb H x W x 3 uint8, mask H x W bool, record)`` of one sample."""
         record = self.records[index]
         where = self._where(record, index)
+        check_records([record])
         path = self.image_path(record)
         if not path.is_file():
             raise DataError(f"{where}: image not found: {path}")

@@ -29,6 +29,10 @@ from rsrefseg.errors import DataError
 PIL_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 #: At most this many valid pixels per band feed the percentile estimate (deterministic stride).
 _PERCENTILE_SAMPLES = 2_000_000
+#: Largest image :func:`read_image` decodes whole by default: PIL's decompression-bomb limit
+#: (2 x its default ``Image.MAX_IMAGE_PIXELS``, ~13,400 x 13,400), for rasterio files too. Larger
+#: scenes are read window by window (``rsrefseg predict``, ``rsrefseg.inference.scene``).
+MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 
 @dataclass
@@ -165,9 +169,19 @@ def _channel_index(chosen: tuple[int, int, int], unique: list[int]) -> tuple[int
     return unique.index(chosen[0]), unique.index(chosen[1]), unique.index(chosen[2])
 
 
-def _read_pil(path: Path, bands: tuple[int, ...] | None, stretch: tuple[float, float]) -> RasterImage:
+def check_pixels(path: Path, height: int, width: int, max_pixels: int | None) -> None:
+    """DataError when a ``height x width`` image is above ``max_pixels`` (checked from the header,
+    before any pixel is decoded)."""
+    if max_pixels is not None and height * width > max_pixels:
+        raise DataError(f"{path}: image of {height}x{width} pixels is larger than the {max_pixels} pixels read "
+                        "whole; segment it tile by tile with `rsrefseg predict`")
+
+
+def _read_pil(path: Path, bands: tuple[int, ...] | None, stretch: tuple[float, float],
+              max_pixels: int | None = MAX_IMAGE_PIXELS) -> RasterImage:
     try:
         with Image.open(path) as img:
+            check_pixels(path, img.height, img.width, max_pixels)
             img.load()
             mode = img.mode
             if mode == "P":
@@ -203,12 +217,14 @@ def _open_rasterio(path: Path) -> Any:
         raise DataError(f"{path}: cannot read image ({_one_line(exc)})") from None
 
 
-def _read_rasterio(path: Path, bands: tuple[int, ...] | None, stretch: tuple[float, float]) -> RasterImage:
+def _read_rasterio(path: Path, bands: tuple[int, ...] | None, stretch: tuple[float, float],
+                   max_pixels: int | None = MAX_IMAGE_PIXELS) -> RasterImage:
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with _open_rasterio(path) as src:
+            check_pixels(path, src.height, src.width, max_pixels)
             chosen = select_bands(src.count, bands, path)
             unique = sorted(set(chosen))
             try:
@@ -228,6 +244,7 @@ def read_image(
     path: str | os.PathLike[str],
     bands: tuple[int, ...] | None = None,
     stretch: tuple[float, float] = (2.0, 98.0),
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> RasterImage:
     """Read an image as :class:`RasterImage` (``rgb`` H x W x 3 uint8, ``valid`` H x W bool).
 
@@ -236,6 +253,8 @@ def read_image(
         bands: 1-based band indices for R, G, B (one index is replicated); default: first three,
             or band 1 three times for single-band files.
         stretch: lower/upper percentiles of the per-band linear stretch for non-uint8 data.
+        max_pixels: refuse (DataError, from the header) images with more pixels; None = no limit
+            (PIL's own decompression-bomb check still applies to JPEG/PNG/BMP).
 
     Raises:
         DataError: missing, corrupt or unreadable file, or an unsupported band count/choice.
@@ -244,8 +263,8 @@ def read_image(
     _check_exists(path)
     stretch = _check_stretch(stretch)
     if path.suffix.lower() in PIL_SUFFIXES:
-        return _read_pil(path, bands, stretch)
-    return _read_rasterio(path, bands, stretch)
+        return _read_pil(path, bands, stretch, max_pixels)
+    return _read_rasterio(path, bands, stretch, max_pixels)
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,8 @@ from pycocotools import mask as mask_utils
 from rsrefseg.errors import DataError
 from rsrefseg.utils import atomic_open
 
+#: Most pixels an RLE may cover: COCO RLE (pycocotools) stores sizes and run lengths as uint32.
+MAX_RLE_PIXELS = 2**32 - 1
 #: Fields every record must have.
 REQUIRED_FIELDS = ("image_id", "sent", "file_name", "segmentation")
 #: Fields mapped onto :class:`RefRecord` attributes (everything else goes to ``extra``).
@@ -131,14 +134,14 @@ class RefRecord:
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[RefRecord]:
-    """Read a JSONL file of records (blank lines are skipped).
+    """Read a JSONL file of records (blank lines are skipped; a UTF-8 BOM at the start is ignored).
 
     Raises :class:`DataError` ``"<file>:<line>: ..."`` for a line that is not JSON, not an object, or
     lacks a required field.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows editors) is dropped
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -154,6 +157,70 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[RefRecord]:
             raise DataError(f"{source}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         records.append(RefRecord.from_dict(data, source=source))
     return records
+
+
+def unsafe_file_name(name: str) -> str | None:
+    """Why ``name`` would leave the image folder it is relative to (an absolute path, a drive, a
+    ``..`` component, a NUL byte), or None when it stays inside."""
+    if "\x00" in name:
+        return "contains a NUL byte"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        return "is an absolute path"
+    if ".." in re.split(r"[\\/]", name):
+        return "has a '..' component"
+    return None
+
+
+def expression_problem(sent: str) -> str | None:
+    """Why ``sent`` cannot be used as a referring expression (empty, whitespace only, longer than
+    ``MAX_EXPRESSION_CHARS``), or None."""
+    from rsrefseg.inference.defaults import MAX_EXPRESSION_CHARS
+
+    if not sent.strip():
+        return "expression 'sent' is empty"
+    if len(sent) > MAX_EXPRESSION_CHARS:
+        return f"expression 'sent' has {len(sent)} characters; at most {MAX_EXPRESSION_CHARS} are accepted"
+    return None
+
+
+def record_problem(record: RefRecord) -> str | None:
+    """The one-line reason (naming ``file:line``) a record cannot be used for training or
+    evaluation before any file is opened: a ``file_name`` leaving the image folder (see
+    :func:`unsafe_file_name`) or an unusable expression (see :func:`expression_problem`)."""
+    where = record.source or "record"
+    reason = unsafe_file_name(record.file_name)
+    if reason is not None:
+        return (f"{where}: file_name {record.file_name!r} {reason}; file names must be relative to the image "
+                "folder and stay inside it")
+    reason = expression_problem(record.sent)
+    return None if reason is None else f"{where}: {reason}"
+
+
+def check_records(records: list[RefRecord]) -> None:
+    """Raise :class:`DataError` for the first record with a :func:`record_problem`."""
+    for record in records:
+        reason = record_problem(record)
+        if reason is not None:
+            raise DataError(reason)
+
+
+def record_key(record: RefRecord) -> str:
+    """What makes two records the same sample: image, expression and target mask."""
+    return json.dumps([record.file_name, record.sent, record.segmentation], sort_keys=True, default=str)
+
+
+def find_duplicates(records: list[RefRecord]) -> list[tuple[int, int]]:
+    """``(index, index of its first occurrence)`` of every record equal to an earlier one (same
+    ``file_name``, ``sent`` and ``segmentation``)."""
+    first: dict[str, int] = {}
+    found = []
+    for index, record in enumerate(records):
+        key = record_key(record)
+        if key in first:
+            found.append((index, first[key]))
+        else:
+            first[key] = index
+    return found
 
 
 def write_jsonl(records: list[RefRecord], path: str | os.PathLike[str]) -> None:
@@ -194,6 +261,8 @@ def _rle_string_counts(counts: str, where: str) -> np.ndarray:
     values = np.add.reduceat((raw & 0x1F) << (5 * chunk_pos), starts)
     negative = (raw[ends] & 0x10) > 0
     values[negative] -= np.int64(1) << (5 * lengths[negative])  # sign extension
+    if np.abs(values).max() > MAX_RLE_PIXELS:  # keeps the sums below exact in int64 (and in pycocotools)
+        raise DataError(f"{where}: RLE counts string has an out-of-range value")
     # Undo the delta coding: runs[m] = values[m] + runs[m - 2] for m > 2.
     runs = values.copy()
     runs[3::2] = np.cumsum(values[1::2])[1:]
@@ -224,16 +293,24 @@ def _validated_rle(rle: dict[str, Any], where: str) -> tuple[dict[str, Any], np.
     ):
         raise DataError(f"{where}: RLE 'size' must be [height, width], got {size!r}")
     height, width = int(size[0]), int(size[1])
+    if height * width > MAX_RLE_PIXELS:
+        raise DataError(f"{where}: RLE size {height}x{width} is larger than COCO RLE can hold "
+                        f"({MAX_RLE_PIXELS} pixels)")
     if isinstance(counts, bytes):  # in-memory pycocotools RLE
         counts = counts.decode("ascii", errors="replace")
     if isinstance(counts, str):
         runs = _rle_string_counts(counts, where)
-    elif isinstance(counts, list) and all(isinstance(v, (int, np.integer)) for v in counts):
+    elif isinstance(counts, list) and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                          for v in counts):
+        if any(not 0 <= v <= MAX_RLE_PIXELS for v in counts):  # before numpy: no overflow on huge ints
+            raise DataError(f"{where}: RLE counts hold a value outside [0, {MAX_RLE_PIXELS}]")
         runs = np.asarray(counts, dtype=np.int64)
     else:
         raise DataError(f"{where}: RLE 'counts' must be a string or a list of integers")
+    if runs.size and (runs.min() < 0 or runs.max() > MAX_RLE_PIXELS):
+        raise DataError(f"{where}: RLE counts hold a value outside [0, {MAX_RLE_PIXELS}]")
     total = int(runs.sum())
-    if (runs < 0).any() or total != height * width:
+    if total != height * width:
         raise DataError(
             f"{where}: RLE counts do not cover its size {height}x{width} (sum {total} != {height * width})"
         )

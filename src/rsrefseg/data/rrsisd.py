@@ -51,7 +51,7 @@ def load_coco(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a COCO instances file, checking it has ``images`` and ``annotations`` lists."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors) is dropped
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

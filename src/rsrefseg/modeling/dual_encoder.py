@@ -92,9 +92,14 @@ class DualEncoder(nn.Module):
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: list[str], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """Tokenise to exactly ``max_length`` tokens: ``input_ids`` and ``attention_mask``, ``B x L``."""
+        """Tokenise to exactly ``max_length`` tokens: ``input_ids`` and ``attention_mask``, ``B x L``.
+
+        Characters that are not valid Unicode (lone surrogates: undecodable bytes, or a ``"\\ud800"``
+        escape in a JSON file) become U+FFFD: the tokenizers cannot encode them.
+        """
+        clean = [t.encode("utf-8", "replace").decode("utf-8") if not t.isascii() else t for t in texts]
         enc = self.tokenizer(  # type: ignore[operator]
-            list(texts),
+            clean,
             padding="max_length",
             max_length=self.max_length,
             truncation=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 
 from rsrefseg.config import RSRefSegConfig
 from rsrefseg.data.datasets import ReferringDataset, filter_split
-from rsrefseg.data.records import read_jsonl
+from rsrefseg.data.records import find_duplicates, read_jsonl
 from rsrefseg.errors import DataError
 from rsrefseg.training.train_config import TrainConfig
 
@@ -56,6 +57,15 @@ def load_base(jsonl: str, images: str, split: str | None, limit: int | None, wha
     records = filter_split(read_jsonl(jsonl), split, jsonl)
     if limit is not None:
         records = records[:limit]
+    if what != "train":  # a duplicated sample would count twice in the metrics: keep the first one
+        duplicates = find_duplicates(records)
+        if duplicates:
+            dropped = {i for i, _ in duplicates}
+            first, earlier = duplicates[0]
+            print(f"warning: {jsonl}: {len(dropped)} duplicate record(s) counted once (same image, expression "
+                  f"and mask as an earlier line, e.g. {records[first].source} = line "
+                  f"{records[earlier].source.rpartition(':')[2]})", file=sys.stderr)
+            records = [r for i, r in enumerate(records) if i not in dropped]
     if not records:
         raise DataError(f"{jsonl}: the {what} set is empty (no records)")
     dataset = ReferringDataset(records, images, size, mode, skip_bad=skip_bad)

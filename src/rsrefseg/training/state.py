@@ -3,23 +3,33 @@
 Layout of ``<work_dir>/checkpoints``::
 
     step-00000120/           resumable: model.safetensors + config.json (trained part only),
-                             optimizer.pt (or optimizer-<rank>.pt when the optimizer state is
-                             sharded: DeepSpeed ZeRO, FSDP), scheduler.pt, [scaler.pt],
-                             rng-<rank>.pt, trainer_state.json
+                             optimizer.safetensors (or optimizer-<rank>.safetensors when the
+                             optimizer state is sharded: DeepSpeed ZeRO, FSDP), scheduler.safetensors,
+                             [scaler.safetensors], rng-<rank>.safetensors, trainer_state.json
     best/                    model.safetensors + config.json of the best validation mIoU
+
+Optimizer, scheduler, scaler and RNG states are stored by :mod:`rsrefseg.training.state_files`
+(tensors in safetensors, everything else as JSON): loading a checkpoint folder never runs code.
+Folders of earlier versions (``*.pt`` pickles) are refused with an error naming the file.
 
 A folder is written as ``.tmp-<name>`` and renamed when complete (an atomic ``rename``), so a
 crash (even SIGKILL) leaves either the previous checkpoints or the new one, never half of one.
+``best`` is replaced by an atomic exchange of the new and the old folder (``renameat2`` with
+``RENAME_EXCHANGE`` on Linux); where that is missing, by two renames, and a crash between them is
+repaired by :func:`prepare_checkpoint_root` at the start of the next run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +37,19 @@ import numpy as np
 import torch
 
 from rsrefseg.checkpoint import read_trained_state, save_checkpoint
-from rsrefseg.errors import ConfigError
-from rsrefseg.utils import atomic_path, atomic_write_json
+from rsrefseg.errors import ConfigError, WeightsError
+from rsrefseg.training.state_check import (
+    check_like,
+    check_optimizer_state,
+    check_rng_state,
+    check_scheduler_state,
+)
+from rsrefseg.training.state_files import load_tree, save_tree
+from rsrefseg.utils import atomic_write_json, remove_stale_temp_files
 
 STATE_NAME = "trainer_state.json"
+#: Suffix of the state files (safetensors + JSON tree; see state_files).
+STATE_SUFFIX = ".safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -57,7 +76,20 @@ class TrainerState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainerState:
+    def from_dict(cls, data: Any, source: str = STATE_NAME) -> TrainerState:
+        """Build from the JSON of ``trainer_state.json``; wrong keys or types raise WeightsError."""
+        if not isinstance(data, dict):
+            raise WeightsError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise WeightsError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        for name, value in data.items():
+            wanted = {"int": int, "float": (int, float), "list[dict[str, Any]]": list}[str(known[name])]
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                raise WeightsError(f"{source}: {name} must be {known[name]}, got {value!r}"[:300])
+        if not all(isinstance(h, dict) for h in data.get("history", [])):
+            raise WeightsError(f"{source}: history must be a list of objects")
         return cls(**data)
 
 
@@ -82,9 +114,6 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def step_dir_name(step: int) -> str:
@@ -126,8 +155,10 @@ def optimizer_sharded(accelerator: Any) -> bool:
 
 
 def optimizer_file(accelerator: Any) -> str:
-    """``optimizer-<rank>.pt`` for sharded optimizer states, else ``optimizer.pt`` (rank 0 writes it)."""
-    return f"optimizer-{accelerator.process_index}.pt" if optimizer_sharded(accelerator) else "optimizer.pt"
+    """``optimizer-<rank>.safetensors`` for sharded optimizer states, else ``optimizer.safetensors``
+    (rank 0 writes it)."""
+    rank = f"-{accelerator.process_index}" if optimizer_sharded(accelerator) else ""
+    return f"optimizer{rank}{STATE_SUFFIX}"
 
 
 def save_resumable(
@@ -152,30 +183,129 @@ def save_resumable(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _torch_save(capture_rng(), tmp / f"rng-{accelerator.process_index}.pt")
-    sharded = optimizer_sharded(accelerator)
-    if sharded:  # every process holds its own shard (collective state_dict calls included)
-        _torch_save(optimizer.state_dict(), tmp / optimizer_file(accelerator))
-    if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model), tmp, extra={"training": extra or {}})
-        if not sharded:
-            _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
-        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if getattr(accelerator, "scaler", None) is not None:
-            _torch_save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        atomic_write_json(tmp / STATE_NAME, {**state.to_dict(), "num_processes": accelerator.num_processes})
+    try:
+        save_tree(capture_rng(), tmp / f"rng-{accelerator.process_index}{STATE_SUFFIX}", "rng")
+        sharded = optimizer_sharded(accelerator)
+        if sharded:  # every process holds its own shard (collective state_dict calls included)
+            save_tree(optimizer.state_dict(), tmp / optimizer_file(accelerator), "optimizer")
+        if accelerator.is_main_process:
+            save_checkpoint(accelerator.unwrap_model(model), tmp, extra={"training": extra or {}})
+            if not sharded:
+                save_tree(optimizer.state_dict(), tmp / optimizer_file(accelerator), "optimizer")
+            save_tree(scheduler.state_dict(), tmp / f"scheduler{STATE_SUFFIX}", "scheduler")
+            if getattr(accelerator, "scaler", None) is not None:
+                save_tree(accelerator.scaler.state_dict(), tmp / f"scaler{STATE_SUFFIX}", "scaler")
+            atomic_write_json(tmp / STATE_NAME, {**state.to_dict(), "num_processes": accelerator.num_processes})
+    except BaseException:  # disk full, I/O error...: the previous checkpoints stay, no half folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # the same step saved earlier (e.g. mid-epoch, then at the epoch end)
-            old = root / f".old-{name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        _swap_in(tmp, final, root / f".old-{name}")
     accelerator.wait_for_everyone()
     return final
+
+
+@dataclass
+class ResumableFiles:
+    """The contents of a resumable folder, read and checked but not yet applied (see :func:`read_resumable`)."""
+
+    directory: Path
+    meta: TrainerState
+    model: dict[str, torch.Tensor]
+    optimizer: Any
+    scheduler: Any
+    scaler: Any | None
+    rng: Any | None
+
+
+#: File names of earlier versions, read with pickle: refused.
+_LEGACY = ("optimizer.pt", "optimizer-{rank}.pt", "scheduler.pt", "scaler.pt", "rng-{rank}.pt")
+
+
+def read_resumable(directory: Path, accelerator: Any) -> ResumableFiles:
+    """Read (without applying) everything :func:`load_resumable` needs from ``directory``.
+
+    Nothing is unpickled or executed; a folder of an earlier version (``*.pt`` files), a missing or
+    malformed file raise :class:`WeightsError`/:class:`ConfigError` naming the file. Cheap to call
+    before the model and the data are built, so a bad ``--resume`` fails at once.
+    """
+    directory = Path(directory)
+    rank = accelerator.process_index
+    legacy = [directory / n.format(rank=rank) for n in _LEGACY if (directory / n.format(rank=rank)).is_file()]
+    if legacy:
+        raise WeightsError(
+            f"{legacy[0]}: resumable state in the pickle format of earlier rsrefseg versions is not loaded "
+            "(unpickling a file can run code); start the run again (its model.safetensors still works with "
+            "eval/predict) or resume from a checkpoint written by this version")
+    state_path = directory / STATE_NAME
+    try:
+        raw = json.loads(state_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{directory}: not a resumable checkpoint (no {STATE_NAME})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WeightsError(f"{state_path}: not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{state_path}: expected a JSON object, got {type(raw).__name__}")
+    saved_world = raw.pop("num_processes", 1)
+    if not isinstance(saved_world, int) or isinstance(saved_world, bool):
+        raise WeightsError(f"{state_path}: num_processes must be an integer")
+    if saved_world != accelerator.num_processes:
+        raise ConfigError(
+            f"{directory} was written by {saved_world} process(es); resume it with the same number "
+            f"(now {accelerator.num_processes}) so the data order continues exactly"
+        )
+    meta = TrainerState.from_dict(raw, source=str(state_path))
+    opt_file = directory / optimizer_file(accelerator)
+    if not opt_file.is_file():
+        raise ConfigError(f"{directory}: no {opt_file.name}; it was saved with another distributed setup "
+                          "(DeepSpeed/FSDP shard the optimizer state per process, DDP does not)")
+    tensors, _ = read_trained_state(directory / "model.safetensors")
+    scaler_file, rng_file = directory / f"scaler{STATE_SUFFIX}", directory / f"rng-{rank}{STATE_SUFFIX}"
+    return ResumableFiles(
+        directory=directory,
+        meta=meta,
+        model=tensors,
+        optimizer=load_tree(opt_file),
+        scheduler=load_tree(directory / f"scheduler{STATE_SUFFIX}"),
+        scaler=load_tree(scaler_file) if scaler_file.is_file() else None,
+        rng=load_tree(rng_file) if rng_file.is_file() else None,
+    )
+
+
+def apply_resumable(files: ResumableFiles, accelerator: Any, model: Any, optimizer: Any,
+                    scheduler: Any) -> TrainerState:
+    """Load what :func:`read_resumable` read into the model, optimizer, scheduler, scaler and RNGs
+    (RNG last) and return the trainer state. States that do not fit raise WeightsError naming the file."""
+    from rsrefseg.checkpoint import load_trained_state
+
+    directory = files.directory
+    load_trained_state(accelerator.unwrap_model(model), files.model, source=str(directory / "model.safetensors"))
+    opt_file = directory / optimizer_file(accelerator)
+    check_optimizer_state(optimizer, files.optimizer, str(opt_file))
+    _apply(optimizer.load_state_dict, files.optimizer, opt_file)
+    sched_file = directory / f"scheduler{STATE_SUFFIX}"
+    check_scheduler_state(scheduler, files.scheduler, str(sched_file))
+    _apply(scheduler.load_state_dict, files.scheduler, sched_file)
+    scaler = getattr(accelerator, "scaler", None)
+    if files.scaler is not None and scaler is not None:
+        scaler_file = directory / f"scaler{STATE_SUFFIX}"
+        check_like(scaler.state_dict(), files.scaler, str(scaler_file))
+        _apply(scaler.load_state_dict, files.scaler, scaler_file)
+    if files.rng is not None:
+        rng_file = directory / f"rng-{accelerator.process_index}{STATE_SUFFIX}"
+        check_rng_state(files.rng, str(rng_file))
+        _apply(restore_rng, files.rng, rng_file)
+    return files.meta
+
+
+def _apply(load: Any, value: Any, path: Path) -> None:
+    """``load(value)``; what a malformed state makes torch/numpy/random raise becomes a WeightsError."""
+    try:
+        load(value)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as exc:
+        message = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise WeightsError(f"{path}: does not fit this run ({message})") from None
 
 
 def load_resumable(
@@ -183,29 +313,7 @@ def load_resumable(
 ) -> TrainerState:
     """Restore a folder written by :func:`save_resumable` (model trained part, optimizer, scheduler,
     scaler, this process's RNG states) and return the trainer state. Call on every process."""
-    from rsrefseg.checkpoint import load_trained_state
-
-    meta = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
-    saved_world = int(meta.pop("num_processes", 1))
-    if saved_world != accelerator.num_processes:
-        raise ConfigError(
-            f"{directory} was written by {saved_world} process(es); resume it with the same number "
-            f"(now {accelerator.num_processes}) so the data order continues exactly"
-        )
-    tensors, _ = read_trained_state(directory / "model.safetensors")
-    load_trained_state(accelerator.unwrap_model(model), tensors, source=str(directory / "model.safetensors"))
-    opt_file = directory / optimizer_file(accelerator)
-    if not opt_file.is_file():
-        raise ConfigError(f"{directory}: no {opt_file.name}; it was saved with another distributed setup "
-                          "(DeepSpeed/FSDP shard the optimizer state per process, DDP does not)")
-    optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=False))
-    if (directory / "scaler.pt").is_file() and getattr(accelerator, "scaler", None) is not None:
-        accelerator.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=False))
-    rng_file = directory / f"rng-{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        restore_rng(torch.load(rng_file, weights_only=False))
-    return TrainerState.from_dict(meta)
+    return apply_resumable(read_resumable(directory, accelerator), accelerator, model, optimizer, scheduler)
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
@@ -214,19 +322,73 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     for path in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
-    for stale in root.glob(".tmp-*") if root.is_dir() else []:
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temp_files(root)
     return removed
 
 
-def save_best(root: Path, model: Any, info: dict[str, Any]) -> Path:
-    """Replace ``root/best`` with the current trained part (new folder first, then a swap of renames)."""
-    final, tmp, old = root / "best", root / ".tmp-best", root / ".old-best"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, tmp, extra={"best": info})
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
+def prepare_checkpoint_root(root: Path) -> list[Path]:
+    """At the start of a run: undo a swap a crash interrupted (``.old-<name>`` without ``<name>``:
+    the old folder goes back), then remove the temporary folders and files a killed run left.
+    Returns the removed paths."""
+    if not root.is_dir():
+        return []
+    for old in sorted(root.glob(".old-*")):
+        final = root / old.name[len(".old-"):]
+        if old.is_dir() and not final.exists():
+            os.replace(old, final)
+    removed = remove_stale_temp_files(root)
+    for old in sorted(root.glob(".old-*")):  # the swap had finished: the old copy is stale
+        if old.is_dir() and (root / old.name[len(".old-"):]).is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    return removed
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    platform or file system lacks it (nothing was changed then)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _swap_in(tmp: Path, final: Path, old: Path) -> None:
+    """Make the complete folder ``tmp`` become ``final``; ``final`` always exists if it existed."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    if exchange_paths(tmp, final):  # one atomic step: final is the new folder, tmp the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(old, ignore_errors=True)  # fallback: a crash between these renames is repaired
+    os.replace(final, old)  # by prepare_checkpoint_root (old goes back)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_best(root: Path, model: Any, info: dict[str, Any]) -> Path:
+    """Replace ``root/best`` with the current trained part (new folder first, then an atomic swap)."""
+    final, tmp = root / "best", root / ".tmp-best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_checkpoint(model, tmp, extra={"best": info})
+    except BaseException:  # the previous best stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in(tmp, final, root / ".old-best")
     return final

@@ -39,14 +39,16 @@ from rsrefseg.training.setup import (
 )
 from rsrefseg.training.state import (
     TrainerState,
-    load_resumable,
+    apply_resumable,
+    prepare_checkpoint_root,
     prune_checkpoints,
+    read_resumable,
     resolve_resume,
     save_best,
     save_resumable,
 )
 from rsrefseg.training.train_config import TrainConfig, dump_config
-from rsrefseg.utils import atomic_write_text
+from rsrefseg.utils import atomic_write_text, check_output_dir, remove_stale_temp_files
 
 SUMMARY_KEYS = ("n", "mIoU", "oIoU", "Pr@0.5", "Pr@0.6", "Pr@0.7", "Pr@0.8", "Pr@0.9")
 
@@ -163,15 +165,21 @@ def _train(
     main = accelerator.is_main_process
     work_dir = Path(config.work_dir)
     ckpt_root = work_dir / "checkpoints"
+    check_output_dir(work_dir, "work_dir")  # an existing file or a read-only place: fail before any work
     resume_dir = resolve_resume(resume, work_dir) if resume else None
     if resume is None and any(ckpt_root.glob("step-*")):
         raise RSRefSegError(f"{ckpt_root} already holds checkpoints; pass --resume auto to continue "
                             "or choose another --work_dir")
-    if main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(work_dir / "config.yaml", dump_config(config))
+    # Read (and check) the resumable state now: a bad or foreign folder fails before data and model.
+    resume_files = read_resumable(resume_dir, accelerator) if resume_dir is not None else None
     mcfg = model_config(config)
-    train_ds, val_ds, train_base, val_base = build_datasets(config, mcfg, accelerator)
+    if main:
+        prepare_checkpoint_root(ckpt_root)  # an interrupted `best` swap repaired, temp folders of a killed run gone
+        cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else work_dir / "cache"
+        for folder, deep in ((work_dir, False), (work_dir / "logs", True), (work_dir / "report", True),
+                             (cache_dir, False)):
+            remove_stale_temp_files(folder, recursive=deep)  # only our temp names whose writer is gone
+    train_ds, val_ds, train_base, val_base = build_datasets(config, mcfg, accelerator)  # records checked first
 
     set_seed(config.seed)
     model = build_from_preset(config.model.preset, base=config.model.base, clip=config.model.clip,
@@ -191,11 +199,15 @@ def _train(
     view = AugmentedView(train_ds, config.data.flip_h, config.data.flip_v)
 
     state = TrainerState()
-    if resume_dir is not None:
-        state = load_resumable(resume_dir, accelerator, net, optimizer, scheduler)  # restores RNG last
+    if resume_files is not None:
+        state = apply_resumable(resume_files, accelerator, net, optimizer, scheduler)  # restores RNG last
+        del resume_files  # the model/optimizer tensors now live in the model and optimizer
         if main:
             print(f"resumed from {resume_dir} (epoch {state.epoch + 1}, batch {state.batch_in_epoch}, "
                   f"step {state.global_step})")
+    if main:  # every input checked (config, data, resumable state): the run's own files start here
+        work_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work_dir / "config.yaml", dump_config(config))
     log = _LossLog(work_dir / "logs" / "losses.csv", state.global_step if resume_dir else None) if main else None
     writer = None
     if main and config.tensorboard:

@@ -197,6 +197,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self.model.overrides = _model_overrides(self.model.preset, self.model.overrides)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,6 +286,21 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return expand_env(str(value))
     return value
+
+
+def _model_overrides(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``model.overrides`` checked (and converted, as every config value) against the fields of
+    :class:`~rsrefseg.config.RSRefSegConfig`; the preset name must be known."""
+    from rsrefseg.config import PRESET_NAMES, RSRefSegConfig
+
+    if preset not in PRESET_NAMES:
+        raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+    hints = typing.get_type_hints(RSRefSegConfig)
+    unknown = sorted(set(overrides) - set(hints), key=str)
+    if unknown:
+        raise ConfigError(f"unknown config key 'model.overrides.{unknown[0]}'; known keys here: "
+                          f"{', '.join(sorted(hints))}")
+    return {name: _coerce(value, hints[name], f"model.overrides.{name}") for name, value in overrides.items()}
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
