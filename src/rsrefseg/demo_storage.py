@@ -245,7 +245,7 @@ class SessionFiles:
     def end(self, session: str | None) -> list[Path]:
         """Delete the files of ``session`` (its output folder, and the uploads no other session uses);
         return the deleted uploads."""
-        return self._end(_session_key(session))
+        return self._end(_session_key(session)) or []
 
     def sweep(self, now: float | None = None) -> int:
         """End the sessions without a request for more than ``idle_s`` (and none in progress); return
