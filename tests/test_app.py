@@ -89,7 +89,7 @@ def test_handlers_keep_each_session_in_its_folder_and_delete_it_at_the_end(predi
         assert png.size == (50, 40)
     again = Path(handlers.upload(str(upload_a), "", alice))
     assert again != preview and not preview.exists()  # one preview per session, a new name each time
-    overlays, _, downloads, _ = handlers.run(str(upload_a), "the ship", 0.5, "", alice)
+    _, _, downloads, _ = handlers.run(str(upload_a), "the ship", 0.5, "", alice)
     assert all(Path(p).is_relative_to(again.parent) for p in downloads)
     bob_out = handlers.run(str(outside), "the ship", 0.5, "", bob)[2]
     assert all(Path(p).is_relative_to(sessions.runs) for p in bob_out)

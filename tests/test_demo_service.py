@@ -73,6 +73,13 @@ def test_parse_expressions_one_per_line() -> None:
         parse_expressions("a\nb\nc", max_expressions=2)
     with pytest.raises(ConfigError, match="expression 2 has 5000 characters; at most 1000"):
         parse_expressions("ok\n" + "z" * 5000)
+    assert parse_expressions("\n".join(["y" * 1000] * 2), max_expressions=2) == ["y" * 1000] * 2  # the maximum
+    with pytest.raises(ConfigError, match=r"^the expressions are 2003 characters long; at most 2002 are accepted"):
+        parse_expressions("\n".join(["y" * 1000] * 2) + "\n\n", max_expressions=2)
+    with pytest.raises(ConfigError, match=r"expression 1 is not valid text .* lone surrogate U\+DC80"):
+        parse_expressions("caf\udc80", max_expressions=2)  # how undecodable bytes arrive (surrogateescape)
+    with pytest.raises(ConfigError, match=r"the expressions must be text, one per line \(got int\)"):
+        parse_expressions(42)  # type: ignore[arg-type]  # an API client sending a number
 
 
 def test_check_upload_limits_name_the_file_and_the_limit(tmp_path: Path) -> None:
@@ -138,6 +145,16 @@ def test_features_are_cached_per_upload(service: DemoService, tmp_path: Path, mo
     service.run(a, "the ship")  # another user's image came in between: encode again
     assert len(calls) == 3 and service.encodes == 3
     assert len(list(service.workdir.glob("run-*"))) == 2  # keep_runs=2: older outputs removed
+    for _ in range(3):  # keep_runs counts per output folder (one per session in the server)
+        service.run(a, "the ship", out_dir=tmp_path / "session-1")
+    service.run(a, "the ship", out_dir=tmp_path / "session-2")
+    assert len(list((tmp_path / "session-1").glob("run-*"))) == 2
+    assert len(list((tmp_path / "session-2").glob("run-*"))) == 1
+    assert len(list(service.workdir.glob("run-*"))) == 2  # untouched by the others
+    assert len(calls) == 3  # still no re-encoding
+    assert service.release(b) is False and service.release(a) is True  # a's file is about to be deleted
+    service.run(a, "the ship")
+    assert len(calls) == 4  # released: encoded again
 
 
 def test_geotiff_upload_offers_geojson_and_geotiff(service: DemoService, tmp_path: Path) -> None:

@@ -75,7 +75,10 @@ def parse_expressions(text: str | None, max_expressions: int = DEFAULT_MAX_EXPRE
         ConfigError: no expression, more than ``max_expressions``, an expression longer than
             :data:`MAX_EXPRESSION_CHARS`, a text too long, or text that is not valid Unicode (lone surrogates).
     """
-    text = text or ""
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise ConfigError(f"the expressions must be text, one per line (got {type(text).__name__})")
     limit = max_text_chars(max_expressions)
     if len(text) > limit:
         raise ConfigError(f"the expressions are {len(text)} characters long; at most {limit} are accepted "
@@ -93,6 +96,12 @@ def parse_expressions(text: str | None, max_expressions: int = DEFAULT_MAX_EXPRE
     if not expressions:
         raise ConfigError("type at least one referring expression (one per line)")
     return expressions
+
+
+def _megapixels(pixels: int) -> str:
+    """``pixels`` in MP for messages: ``0.012``, ``1.2``, ``16.8``, ``2,500``."""
+    mp = pixels / 1e6
+    return f"{mp:,.0f}" if mp >= 1000 else f"{mp:.3g}"
 
 
 def check_upload(path: str | os.PathLike[str], limits: Limits) -> tuple[int, int]:
@@ -114,8 +123,8 @@ def check_upload(path: str | os.PathLike[str], limits: Limits) -> tuple[int, int
     height, width = image_size(source)
     if height * width > limits.max_pixels:
         raise DataError(
-            f"{source.name}: image is {width} x {height} = {height * width / 1e6:.3g} MP, above the limit "
-            f"of {limits.max_pixels / 1e6:.3g} MP ({limits.max_pixels} pixels)"
+            f"{source.name}: image is {width} x {height} = {_megapixels(height * width)} MP, above the limit "
+            f"of {_megapixels(limits.max_pixels)} MP ({limits.max_pixels} pixels)"
         )
     return height, width
 
