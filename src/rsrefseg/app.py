@@ -92,6 +92,30 @@ def _threshold(value: Any) -> float:
         raise ConfigError(f"the mask threshold must be a number in (0, 1), got {str(value)[:40]!r}") from None
 
 
+def _refuse_urls(block: Any) -> None:
+    """Make the file input ``block`` refuse a URL in place of an upload. Gradio would download it on the
+    server (any public address, any size) before our checks run; the demo takes uploads only."""
+    import gradio as gr
+    from gradio_client.utils import is_http_url_like
+
+    def check(path: Any) -> None:
+        if path is not None and is_http_url_like(str(path)):
+            raise gr.Error("upload the image file; URLs are not fetched", print_exception=False)
+
+    move_async, move = block.async_move_resource_to_block_cache, block.move_resource_to_block_cache
+
+    async def guarded_async(path: Any) -> Any:
+        check(path)
+        return await move_async(path)
+
+    def guarded(path: Any) -> Any:
+        check(path)
+        return move(path)
+
+    block.async_move_resource_to_block_cache = guarded_async
+    block.move_resource_to_block_cache = guarded
+
+
 class Handlers(NamedTuple):
     """The Gradio callbacks of the page (every failure becomes a one-line ``gr.Error``).
 
@@ -228,6 +252,7 @@ def build_app(
             with gr.Column(scale=1):
                 upload = gr.File(label="Image (JPEG / PNG / GeoTIFF)", file_types=UPLOAD_TYPES,
                                  type="filepath", elem_id="rsrefseg-upload")
+                _refuse_urls(upload)
                 preview = gr.Image(label="Uploaded image", interactive=False, type="filepath",
                                    elem_id="rsrefseg-preview", height=320)
                 bands = gr.Textbox(label="Bands as R,G,B (1-based, e.g. 4,3,2 for multispectral; empty = automatic)",
