@@ -13,7 +13,6 @@ Each test starts its own server (about 10-40 s with a busy CPU): marked slow.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 import urllib.request
@@ -78,7 +77,7 @@ def test_serve_keeps_uploads_private_and_deletes_them(tmp_path: Path) -> None:
 
         first = _client(server, tmp_path / "dl1")
         preview = first.predict(gradio_client.handle_file(str(image)), "", api_name="/load")
-        overlays, heatmaps, downloads, summary = first.predict(
+        overlays, heatmaps, _, summary = first.predict(
             gradio_client.handle_file(str(image)), "the ship\nthe pier", 0.5, "", api_name="/segment")
         assert len(overlays) == 2 and len(heatmaps) == 2 and "harbour.png" in summary and Path(preview).is_file()
         ours = _files(folder)

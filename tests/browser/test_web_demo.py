@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from tests.serve_helpers import start_server
 
 pytestmark = pytest.mark.browser
