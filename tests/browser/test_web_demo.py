@@ -109,11 +109,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     # A heartbeat every second (Gradio's default: 15 s), so a closed tab is noticed at once.
     running = start_server(root, "--max-pixels", str(MAX_PIXELS), "--max-upload-mb", str(MAX_UPLOAD_MB),
                            env={"TMPDIR": str(tmp), "GRADIO_HEARTBEAT_INTERVAL": "1"})
+    folder = running.folder
     try:
         yield {"url": running.url, "image": image, "big": big, "heavy": heavy, "log": running.log,
-               "folder": running.folder, "server": running}
+               "folder": folder, "server": running}
     finally:
-        running.stop(signal.SIGINT)
+        status = running.stop(signal.SIGINT)  # Ctrl+C: a clean stop that deletes every upload and result
+    assert status == 0 and not folder.exists(), running.text()[-2000:]
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 @pytest.fixture(scope="module")
