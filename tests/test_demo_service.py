@@ -145,16 +145,22 @@ def test_features_are_cached_per_upload(service: DemoService, tmp_path: Path, mo
     service.run(a, "the ship")  # another user's image came in between: encode again
     assert len(calls) == 3 and service.encodes == 3
     assert len(list(service.workdir.glob("run-*"))) == 2  # keep_runs=2: older outputs removed
-    for _ in range(3):  # keep_runs counts per output folder (one per session in the server)
-        service.run(a, "the ship", out_dir=tmp_path / "session-1")
-    service.run(a, "the ship", out_dir=tmp_path / "session-2")
-    assert len(list((tmp_path / "session-1").glob("run-*"))) == 2
-    assert len(list((tmp_path / "session-2").glob("run-*"))) == 1
-    assert len(list(service.workdir.glob("run-*"))) == 2  # untouched by the others
-    assert len(calls) == 3  # still no re-encoding
-    assert service.release(b) is False and service.release(a) is True  # a's file is about to be deleted
+
+
+def test_runs_are_kept_per_output_folder_and_uploads_released(predictor: Any, tmp_path: Path) -> None:
+    """``keep_runs`` counts per output folder (one per session in the server); ``release`` forgets
+    the current upload (its file is about to be deleted), so it is encoded again if it comes back."""
+    service = DemoService(predictor, Limits(max_pixels=200 * 200), workdir=tmp_path / "work", keep_runs=1)
+    a, b = _png(tmp_path / "a.png", 48, 48, seed=1), _png(tmp_path / "b.png", 48, 48, seed=2)
     service.run(a, "the ship")
-    assert len(calls) == 4  # released: encoded again
+    service.run(a, "the ship", out_dir=tmp_path / "session-1")
+    service.run(a, "the ship", out_dir=tmp_path / "session-1")
+    assert len(list((tmp_path / "session-1").glob("run-*"))) == 1
+    assert len(list(service.workdir.glob("run-*"))) == 1  # untouched by the other folder
+    assert service.encodes == 1
+    assert service.release(b) is False and service.release(a) is True
+    service.load(a)
+    assert service.encodes == 2
 
 
 def test_geotiff_upload_offers_geojson_and_geotiff(service: DemoService, tmp_path: Path) -> None:
