@@ -73,6 +73,13 @@ def test_parse_expressions_one_per_line() -> None:
         parse_expressions("a\nb\nc", max_expressions=2)
     with pytest.raises(ConfigError, match="expression 2 has 5000 characters; at most 1000"):
         parse_expressions("ok\n" + "z" * 5000)
+    assert parse_expressions("\n".join(["y" * 1000] * 2), max_expressions=2) == ["y" * 1000] * 2  # the maximum
+    with pytest.raises(ConfigError, match=r"^the expressions are 2003 characters long; at most 2002 are accepted"):
+        parse_expressions("\n".join(["y" * 1000] * 2) + "\n\n", max_expressions=2)
+    with pytest.raises(ConfigError, match=r"expression 1 is not valid text .* lone surrogate U\+DC80"):
+        parse_expressions("caf\udc80", max_expressions=2)  # how undecodable bytes arrive (surrogateescape)
+    with pytest.raises(ConfigError, match=r"the expressions must be text, one per line \(got int\)"):
+        parse_expressions(42)  # type: ignore[arg-type]  # an API client sending a number
 
 
 def test_check_upload_limits_name_the_file_and_the_limit(tmp_path: Path) -> None:
@@ -138,6 +145,22 @@ def test_features_are_cached_per_upload(service: DemoService, tmp_path: Path, mo
     service.run(a, "the ship")  # another user's image came in between: encode again
     assert len(calls) == 3 and service.encodes == 3
     assert len(list(service.workdir.glob("run-*"))) == 2  # keep_runs=2: older outputs removed
+
+
+def test_runs_are_kept_per_output_folder_and_uploads_released(predictor: Any, tmp_path: Path) -> None:
+    """``keep_runs`` counts per output folder (one per session in the server); ``release`` forgets
+    the current upload (its file is about to be deleted), so it is encoded again if it comes back."""
+    service = DemoService(predictor, Limits(max_pixels=200 * 200), workdir=tmp_path / "work", keep_runs=1)
+    a, b = _png(tmp_path / "a.png", 48, 48, seed=1), _png(tmp_path / "b.png", 48, 48, seed=2)
+    service.run(a, "the ship")
+    service.run(a, "the ship", out_dir=tmp_path / "session-1")
+    service.run(a, "the ship", out_dir=tmp_path / "session-1")
+    assert len(list((tmp_path / "session-1").glob("run-*"))) == 1
+    assert len(list(service.workdir.glob("run-*"))) == 1  # untouched by the other folder
+    assert service.encodes == 1
+    assert service.release(b) is False and service.release(a) is True
+    service.load(a)
+    assert service.encodes == 2
 
 
 def test_geotiff_upload_offers_geojson_and_geotiff(service: DemoService, tmp_path: Path) -> None:

@@ -9,11 +9,16 @@
   next run with new expressions decodes only;
 - uploads are read with :func:`rsrefseg.data.imageio.read_image`, so GeoTIFFs (16-bit, float,
   multiband, nodata) work; their size (MB) and dimensions (pixels) are checked first, from the
-  file header, and a violation raises :class:`~rsrefseg.errors.DataError` naming the file and the
-  limit (shown in the page as a one-line ``gr.Error``);
+  file header (:mod:`rsrefseg.demo_limits`), and a violation raises :class:`~rsrefseg.errors.DataError`
+  naming the file and the limit (shown in the page as a one-line ``gr.Error``);
 - each run writes, per expression, the same files as ``rsrefseg predict`` (mask PNG, overlay PNG,
   and for georeferenced inputs a GeoTIFF mask and GeoJSON polygons) plus a heatmap PNG and one zip
-  of everything, into a private temporary folder (only the last few runs are kept).
+  of everything, into a new folder in ``out_dir`` (the session's folder in ``rsrefseg serve``, see
+  :mod:`rsrefseg.demo_storage`) or the service's own temporary folder; only the last ``keep_runs``
+  runs per folder are kept, and a run that fails removes what it wrote;
+- expressions are checked before anything else (count, length, total size, valid text), so a pasted
+  megabyte is refused at once; error messages name the uploaded file by its name, never by the
+  server's path.
 
 Nothing happens at import: torch and the model code are imported inside functions.
 """
@@ -34,12 +39,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rsrefseg.errors import ConfigError, DataError
-from rsrefseg.inference.defaults import (
-    DEFAULT_TILE_CACHE_BYTES,
+from rsrefseg.demo_limits import (
+    DEFAULT_MAX_EXPRESSIONS,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_TILE_CACHE_MB,
     DEFAULT_TILE_THRESHOLD,
-    check_expression_length,
+    MAX_BANDS_CHARS,
+    PREVIEW_MAX_SIDE,
+    UPLOAD_TYPES,
+    Limits,
+    check_upload,
+    max_text_chars,
+    name_only,
+    parse_expressions,
 )
+from rsrefseg.errors import ConfigError, DataError, RSRefSegError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -50,35 +65,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from rsrefseg.inference.tiling import TileCache
 
 __all__ = ["DEFAULT_MAX_EXPRESSIONS", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_TILE_CACHE_MB",
-           "DEFAULT_TILE_THRESHOLD", "DemoResult", "DemoService", "Limits", "check_upload", "parse_expressions"]
-
-
-#: Default upload cap in MB (here and in Gradio's own cap, 1 MB = 2**20 bytes).
-DEFAULT_MAX_UPLOAD_MB = 50.0
-#: Default cap on ``H * W`` of an uploaded image (a 4096 x 4096 scene).
-DEFAULT_MAX_PIXELS = 4096 * 4096
-#: Expressions accepted in one run.
-DEFAULT_MAX_EXPRESSIONS = 16
-#: Encoded windows of a tiled upload kept between runs, in MB (about 7.5 MB per window of the full presets).
-DEFAULT_TILE_CACHE_MB = DEFAULT_TILE_CACHE_BYTES / 2**20
-#: Longest side of the previews, overlays and heatmaps shown in the page (masks stay full size).
-PREVIEW_MAX_SIDE = 1024
-#: File types offered by the upload dialog.
-UPLOAD_TYPES = [".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp", ".jp2"]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits (a violation is a one-line :class:`DataError` / :class:`ConfigError`)."""
-
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_expressions: int = DEFAULT_MAX_EXPRESSIONS
-    #: Images with more pixels are segmented tile by tile at native resolution (as ``rsrefseg
-    #: predict --tile-threshold``), so small objects of a large scene are not lost in one resize.
-    tile_threshold: int = DEFAULT_TILE_THRESHOLD
-    #: Encoded windows of the current tiled upload kept for the next run, in MB (0: re-encode every run).
-    tile_cache_mb: float = DEFAULT_TILE_CACHE_MB
+           "DEFAULT_TILE_THRESHOLD", "MAX_BANDS_CHARS", "PREVIEW_MAX_SIDE", "UPLOAD_TYPES", "DemoResult", "DemoService",
+           "Limits", "check_upload", "max_text_chars", "parse_expressions"]
 
 
 @dataclass
@@ -129,47 +117,6 @@ class _Loaded:
         return self.key[3]
 
 
-def parse_expressions(text: str | None, max_expressions: int = DEFAULT_MAX_EXPRESSIONS) -> list[str]:
-    """One expression per non-blank line (whitespace collapsed).
-
-    Raises:
-        ConfigError: no expression, or more than ``max_expressions``.
-    """
-    expressions = [" ".join(line.split()) for line in (text or "").splitlines() if line.strip()]
-    if len(expressions) > max_expressions:
-        raise ConfigError(f"{len(expressions)} expressions given; at most {max_expressions} per run")
-    for number, expression in enumerate(expressions, start=1):
-        check_expression_length(expression, f"expression {number}")
-    if not expressions:
-        raise ConfigError("type at least one referring expression (one per line)")
-    return expressions
-
-
-def check_upload(path: str | os.PathLike[str], limits: Limits) -> tuple[int, int]:
-    """Check the file size and the image dimensions (header only) against ``limits``; return ``(H, W)``.
-
-    Raises:
-        DataError: missing/unreadable file, or a limit exceeded (the message names the file and the limit).
-    """
-    from rsrefseg.data.imageio import image_size
-
-    source = Path(path)
-    if not source.is_file():
-        raise DataError(f"{source.name}: uploaded file not found")
-    size_mb = source.stat().st_size / 2**20
-    if size_mb > limits.max_upload_mb:
-        raise DataError(
-            f"{source.name}: file is {size_mb:.3g} MB, above the upload limit of {limits.max_upload_mb:g} MB"
-        )
-    height, width = image_size(source)
-    if height * width > limits.max_pixels:
-        raise DataError(
-            f"{source.name}: image is {width} x {height} = {height * width / 1e6:.3g} MP, above the limit "
-            f"of {limits.max_pixels / 1e6:.3g} MP ({limits.max_pixels} pixels)"
-        )
-    return height, width
-
-
 def _preview(rgb: np.ndarray) -> np.ndarray:
     """Downscale ``H x W x 3`` uint8 so that its longest side is at most :data:`PREVIEW_MAX_SIDE`."""
     import numpy as np
@@ -217,8 +164,10 @@ class DemoService:
     Args:
         predictor: The shared predictor (loaded once).
         limits: Upload / dimension / expression-count limits.
-        workdir: Folder for run outputs (default: a new temporary folder, removed with the service).
-        keep_runs: Output folders of this many recent runs are kept (older ones are deleted).
+        workdir: Folder for run outputs without an ``out_dir`` (default: a new temporary folder,
+            removed with the service).
+        keep_runs: Output folders of this many recent runs are kept per output folder (older ones are
+            deleted).
     """
 
     def __init__(
@@ -231,7 +180,7 @@ class DemoService:
             weakref.finalize(self, shutil.rmtree, workdir, True)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._runs: deque[Path] = deque()
+        self._runs: dict[Path, deque[Path]] = {}  # output folder -> its run folders, oldest first
         self._keep_runs = max(1, keep_runs)
         self._lock = threading.Lock()
         self._loaded: _Loaded | None = None
@@ -246,10 +195,12 @@ class DemoService:
         from rsrefseg.data.imageio import parse_bands, read_image
         from rsrefseg.inference.geo import read_georeference
         from rsrefseg.inference.scene import open_scene
-        from rsrefseg.inference.tiling import TileCache, should_tile
+        from rsrefseg.inference.tiling import should_tile
 
         if not path.is_file():
             raise DataError(f"{path.name}: uploaded file not found (upload it again)")
+        if bands is not None and len(bands) > MAX_BANDS_CHARS:
+            raise ConfigError(f"bands: {len(bands)} characters; expected 1 or 3 band numbers like 4,3,2")
         try:
             chosen = parse_bands(bands)
         except ValueError as exc:
@@ -261,42 +212,80 @@ class DemoService:
             return loaded
         height, width = check_upload(path, self.limits)
         if should_tile(height, width, self.limits.tile_threshold):
-            scene = open_scene(path, bands=chosen)  # streams the stretch statistics, keeps the file open
-            try:
-                preview, _ = scene.preview(PREVIEW_MAX_SIDE)
-            except BaseException:
-                scene.close()
-                raise
-            tiles = TileCache(int(self.limits.tile_cache_mb * 2**20))
-            new = _Loaded(key, preview, scene.georef, scene.height, scene.width, scene, tiles)
-            self.predictor.reset_image()
+            new = self._use_scene(key, open_scene(path, bands=chosen))  # streams the stretch statistics
         else:
             raster = read_image(path, bands=chosen)
             georef = read_georeference(path) if raster.transform is not None else None
             self.predictor.set_image(raster)
             self.encodes += 1
             new = _Loaded(key, _preview(raster.rgb), georef, raster.height, raster.width)
-        if loaded is not None:  # only now: a failed upload leaves the previous one usable
-            loaded.close()
-        self._loaded = new
+            self._replace(new)
         return new
+
+    def _use_scene(self, key: tuple[Any, ...], scene: SceneSource, tiles: TileCache | None = None) -> _Loaded:
+        """Make an open scene the current image, segmented window by window (call with the lock held).
+
+        The scene is read only for windows missing from ``tiles`` (default: a new cache of
+        ``Limits.tile_cache_mb``). This is the seam for scene sources other than an uploaded file: a
+        feature folder (``rsrefseg encode``) gives a :class:`SceneSource` plus a cache holding every
+        window, so nothing is read or encoded. ``scene`` is closed here if its preview fails.
+        """
+        from rsrefseg.inference.tiling import TileCache
+
+        try:
+            preview, _ = scene.preview(PREVIEW_MAX_SIDE)
+        except BaseException:
+            scene.close()
+            raise
+        if tiles is None:
+            tiles = TileCache(int(self.limits.tile_cache_mb * 2**20))
+        new = _Loaded(key, preview, scene.georef, scene.height, scene.width, scene, tiles)
+        self.predictor.reset_image()
+        self._replace(new)
+        return new
+
+    def _replace(self, new: _Loaded | None) -> None:
+        """Make ``new`` current, releasing the previous upload only now (a failed upload leaves it usable)."""
+        if self._loaded is not None and self._loaded is not new:
+            self._loaded.close()
+        self._loaded = new
 
     def load(self, path: str | os.PathLike[str], bands: str | None = None) -> np.ndarray:
         """Check and encode an uploaded image (``bands`` as in :meth:`run`); return its preview
         (``h x w x 3`` uint8)."""
-        with self._lock:
-            return self._load(Path(path), bands).preview
+        source = Path(path)
+        try:
+            with self._lock:
+                return self._load(source, bands).preview
+        except RSRefSegError as exc:
+            raise name_only(exc, source) from None
 
-    def _new_run_dir(self) -> Path:
-        """A fresh output folder; the oldest beyond ``keep_runs`` is deleted (call with the lock held)."""
-        run = Path(tempfile.mkdtemp(prefix="run-", dir=self.workdir))
-        self._runs.append(run)
-        while len(self._runs) > self._keep_runs:
-            shutil.rmtree(self._runs.popleft(), ignore_errors=True)
+    def release(self, path: str | os.PathLike[str]) -> bool:
+        """Forget ``path`` if it is the current upload (its file is about to be deleted); True if it was."""
+        resolved = str(Path(path).resolve())
+        with self._lock:
+            if self._loaded is None or self._loaded.key[0] != resolved:
+                return False
+            self._replace(None)
+            self.predictor.reset_image()
+            return True
+
+    def _new_run_dir(self, parent: Path) -> Path:
+        """A fresh output folder in ``parent``; the oldest of ``parent`` beyond ``keep_runs`` is deleted
+        (call with the lock held)."""
+        parent.mkdir(parents=True, exist_ok=True)
+        run = Path(tempfile.mkdtemp(prefix="run-", dir=parent))
+        runs = self._runs.setdefault(parent, deque())
+        runs.append(run)
+        while len(runs) > self._keep_runs:
+            shutil.rmtree(runs.popleft(), ignore_errors=True)
+        for other in [p for p in self._runs if p != parent and not p.is_dir()]:
+            del self._runs[other]  # a session's folder deleted since: forget it
         return run
 
     def run(
-        self, path: str | os.PathLike[str], text: str | None, threshold: float = 0.5, bands: str | None = None
+        self, path: str | os.PathLike[str], text: str | None, threshold: float = 0.5, bands: str | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
     ) -> DemoResult:
         """Segment every expression of ``text`` (one per line) on the image at ``path``.
 
@@ -306,14 +295,21 @@ class DemoService:
             threshold: Mask probability threshold in (0, 1).
             bands: 1-based source bands for R, G, B, e.g. ``"4,3,2"`` for a multispectral GeoTIFF,
                 or one band; empty or ``None`` = automatic (the first three, or the only one).
+            out_dir: Where this run's output folder is made (default: the service's ``workdir``).
 
         Raises:
             DataError / ConfigError: a limit is exceeded, the file cannot be read, no expression.
         """
+        source = Path(path)
+        try:
+            return self._run(source, text, threshold, bands, Path(out_dir) if out_dir is not None else self.workdir)
+        except RSRefSegError as exc:
+            raise name_only(exc, source) from None
+
+    def _run(self, source: Path, text: str | None, threshold: float, bands: str | None, out_dir: Path) -> DemoResult:
         from rsrefseg.inference.outputs import expression_names, write_prediction_outputs
         from rsrefseg.inference.scene import predict_scene
 
-        source = Path(path)
         expressions = parse_expressions(text, self.limits.max_expressions)
         if not 0.0 < threshold < 1.0:
             raise ConfigError(f"the mask threshold must be in (0, 1), got {threshold}")
@@ -330,19 +326,23 @@ class DemoService:
                 self.encoded_tiles += scene.encoded_tiles
             else:
                 predictions = self.predictor.predict(expressions, threshold=logit)
-            run_dir = self._new_run_dir()
-        folder = run_dir / _safe_stem(source)
-        names = expression_names(expressions)
-        records = [
-            write_prediction_outputs(folder, name, p, loaded.preview, source.name, loaded.georef)
-            for name, p in zip(names, predictions)
-        ]
+            run_dir = self._new_run_dir(out_dir)
+        try:
+            folder = run_dir / _safe_stem(source)
+            names = expression_names(expressions)
+            records = [
+                write_prediction_outputs(folder, name, p, loaded.preview, source.name, loaded.georef)
+                for name, p in zip(names, predictions)
+            ]
+            zip_path = run_dir / f"{folder.name}_masks.zip"
+            with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+                for file in sorted(folder.iterdir()):
+                    if not file.name.endswith(".heatmap.png"):
+                        archive.write(file, f"{folder.name}/{file.name}")
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written stays behind
+            raise
         heatmaps = [(str(folder / r["heatmap_png"]), r["expression"]) for r in records if "heatmap_png" in r]
-        zip_path = run_dir / f"{folder.name}_masks.zip"
-        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
-            for file in sorted(folder.iterdir()):
-                if not file.name.endswith(".heatmap.png"):
-                    archive.write(file, f"{folder.name}/{file.name}")
         downloads = [str(zip_path)]
         for key in ("mask_png", "geojson", "mask_tif"):
             downloads += [str(folder / r[key]) for r in records if key in r]

@@ -4,6 +4,9 @@ The server runs as a subprocess (``python -m rsrefseg serve``) on a free port of
 tiny random checkpoint. Every request the page makes outside 127.0.0.1 is blocked and recorded; the
 test fails if there was any (the demo must work offline). Screenshots go to ``$RSREFSEG_ARTIFACTS``
 (default: a pytest temporary folder) and their paths are printed.
+
+Outside CI a missing Chromium or Playwright skips these tests (with the reason); in CI
+(``CI=true``, as ``.ci/run`` sets it) they fail instead, so the browser check cannot vanish silently.
 """
 
 from __future__ import annotations
@@ -11,12 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tests.serve_helpers import start_server
 
 pytestmark = pytest.mark.browser
 
@@ -41,43 +40,46 @@ CHROMIUM_ARGS = [
 MAX_PIXELS = 1_000_000
 #: ``--max-upload-mb`` of the served app (the sample is 0.2 MB).
 MAX_UPLOAD_MB = 1
-STARTUP_TIMEOUT_S = 90.0
 UI_TIMEOUT_MS = 45_000
+SESSION_END_TIMEOUT_S = 60.0
 
 
-def _requirements() -> Path:
-    """The sample image; skips (with the reason) when the browser, Playwright, Gradio or the image is missing."""
+def in_ci() -> bool:
+    """Whether this runs in CI (``CI`` set to anything but empty/0/false, as CI services do)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _missing(reason: str) -> None:
+    """Skip for ``reason``, or fail in CI (where a missing browser must not pass unnoticed)."""
+    if in_ci():
+        pytest.fail(f"{reason}; CI=true, so the browser test fails instead of skipping", pytrace=False)
+    pytest.skip(reason)
+
+
+def _requirements() -> None:
+    """Skip (or, in CI, fail) with the reason when the browser, Playwright or Gradio is missing."""
     if not Path(CHROMIUM).is_file():
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    pytest.importorskip("gradio", reason="gradio is not installed (pip install 'rsrefseg[app]')")
+        _missing(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set RSREFSEG_CHROMIUM)")
+    for module, hint in (("playwright.sync_api", "pip install playwright"), ("gradio", "pip install 'rsrefseg[app]'")):
+        try:
+            __import__(module)
+        except ModuleNotFoundError:
+            _missing(f"{module.split('.')[0]} is not installed ({hint})")
+
+
+def _sample(root: Path) -> Path:
+    """The 800 x 800 DIOR sample of the shared data, or a synthetic stand-in of the same name and size."""
+    from PIL import Image
+
     from rsrefseg.paths import formats_root
 
     image = formats_root() / "dior_00001.jpg"
-    if not image.is_file():
-        pytest.skip(f"sample image not found at {image} (set RSREFSEG_DATA)")
-    return image
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"rsrefseg serve exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"rsrefseg serve not ready after {STARTUP_TIMEOUT_S:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
+    if image.is_file():
+        return image
+    stand_in = root / "dior_00001.jpg"
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, size=(800, 800, 3), dtype=np.uint8)).save(stand_in, quality=85)
+    return stand_in
 
 
 @pytest.fixture(scope="module")
@@ -91,40 +93,30 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """``rsrefseg serve`` on a free port with a tiny checkpoint; yields ``url``, ``image``, ``big``."""
-    image = _requirements()
+    """``rsrefseg serve`` on a free port with a tiny checkpoint; yields ``url``, ``image``, ``big``, ..."""
+    _requirements()
     from PIL import Image
 
-    from rsrefseg import RSRefSeg
-
     root = tmp_path_factory.mktemp("web-demo")
-    checkpoint = root / "ckpt"
-    RSRefSeg.from_preset("tiny").save_pretrained(checkpoint)
+    image = _sample(root)
     big = root / "too_big.png"  # 1200 x 1000 = 1.2 MP > MAX_PIXELS, a small file
     ramp = np.broadcast_to(np.arange(1200, dtype=np.uint16)[None, :, None] // 5, (1000, 1200, 3))
     Image.fromarray(ramp.astype(np.uint8)).save(big)
     heavy = root / "too_heavy.png"  # 700 x 700 noise: about 1.4 MB > MAX_UPLOAD_MB
     Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(700, 700, 3), dtype=np.uint8)).save(heavy)
-
-    port = _free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log = root / "server.log"
-    command = [sys.executable, "-m", "rsrefseg", "serve", "--checkpoint", str(checkpoint),
-               "--host", "127.0.0.1", "--port", str(port), "--max-pixels", str(MAX_PIXELS),
-               "--max-upload-mb", str(MAX_UPLOAD_MB), "--device", "cpu"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
-    url = f"http://127.0.0.1:{port}/"
+    tmp = root / "tmp"
+    tmp.mkdir()
+    # A heartbeat every second (Gradio's default: 15 s), so a closed tab is noticed at once.
+    running = start_server(root, "--max-pixels", str(MAX_PIXELS), "--max-upload-mb", str(MAX_UPLOAD_MB),
+                           env={"TMPDIR": str(tmp), "GRADIO_HEARTBEAT_INTERVAL": "1"})
+    folder = running.folder
     try:
-        _wait_ready(url, proc, log)
-        yield {"url": url, "image": image, "big": big, "heavy": heavy, "log": log}
+        yield {"url": running.url, "image": image, "big": big, "heavy": heavy, "log": running.log,
+               "folder": folder, "server": running}
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        status = running.stop(signal.SIGINT)  # Ctrl+C: a clean stop that deletes every upload and result
+    assert status == 0 and not folder.exists(), running.text()[-2000:]
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +220,69 @@ def test_too_heavy_file_is_refused_before_upload(page: Any, server: dict[str, An
     toast.first.wait_for()
     text = toast.first.inner_text().strip()
     assert "too_heavy.png" in text and "1.0 Mb" in text and "\n" not in text, text
+
+
+def _toast(page: Any, index: int = 0) -> str:
+    """The text of the ``index``-th error toast, once it is shown."""
+    page.wait_for_function(f"document.querySelectorAll('[data-testid=\"toast-text\"]').length > {index}")
+    return page.locator('[data-testid="toast-text"]').nth(index).inner_text().strip()
+
+
+def test_over_long_expression_shows_clear_message(page: Any, server: dict[str, Any], artifacts: Path) -> None:
+    """An expression above 1000 characters is refused with one line saying so; nothing is segmented."""
+    _upload(page, server["image"])
+    page.locator("#rsrefseg-preview img").first.wait_for()
+    words = "the large white building next to the curved road on the left side of the old harbour "
+    page.locator("#rsrefseg-expressions textarea").fill("the ship\n" + (words * 30)[:1500])
+    page.locator("#rsrefseg-run").click()
+    text = _toast(page)
+    assert text == ("expression 2 has 1500 characters; at most 1000 are accepted "
+                    "(the text encoder reads only the first 64-77 tokens)"), text
+    page.wait_for_timeout(600)  # let the toast finish fading in
+    shot = artifacts / "web_demo_long_expression.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"\nscreenshot: {shot}")
+    assert page.locator("#rsrefseg-overlays img").count() == 0
+
+
+def test_pasted_megabytes_are_cut_by_the_box_and_refused(page: Any, server: dict[str, Any]) -> None:
+    """The expressions box holds one character more than the server accepts (16 x 1001): a 10 MB
+    paste is cut there by the browser and refused by the server with its message."""
+    box = page.locator("#rsrefseg-expressions textarea")
+    limit = 16 * 1001
+    assert box.get_attribute("maxlength") == str(limit + 1)
+    _upload(page, server["image"])
+    page.locator("#rsrefseg-preview img").first.wait_for()
+    box.focus()
+    start = time.monotonic()
+    page.keyboard.insert_text("the ship in the harbour\n" * (10 * 2**20 // 24))  # as a paste would
+    assert len(box.input_value()) == limit + 1
+    page.locator("#rsrefseg-run").click()
+    text = _toast(page)
+    print(f"\n10 MB paste cut and refused in {time.monotonic() - start:.1f} s")
+    assert text.startswith(f"the expressions are {limit + 1} characters long; at most {limit} are accepted"), text
+    assert page.locator("#rsrefseg-overlays img").count() == 0
+
+
+def test_closing_the_tab_deletes_its_files(browser: Any, server: dict[str, Any]) -> None:
+    """A session's upload, preview and results are deleted when its tab closes (Gradio's unload)."""
+    folder: Path = server["folder"]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.route("**/*", lambda route: route.continue_() if "127.0.0.1" in route.request.url else route.abort())
+    tab = context.new_page()
+    tab.set_default_timeout(UI_TIMEOUT_MS)
+    tab.goto(server["url"])
+    _upload(tab, server["image"])
+    tab.locator("#rsrefseg-expressions textarea").fill("the ship")
+    tab.locator("#rsrefseg-run").click()
+    tab.locator("#rsrefseg-overlays img").first.wait_for()
+    # Everything but the lock and Gradio's own empty leftovers (swept separately, after a minute).
+    mine = [p for p in folder.rglob("*") if p.is_file() and p.name != ".lock"
+            and not (p.parent == folder and p.name.startswith("tmp") and p.stat().st_size == 0)]
+    assert any(p.name == server["image"].name for p in mine) and any(p.name.endswith(".overlay.png") for p in mine)
+    context.close()
+    deadline = time.monotonic() + SESSION_END_TIMEOUT_S
+    while any(p.exists() for p in mine):
+        assert time.monotonic() < deadline, [p for p in mine if p.exists()]
+        time.sleep(0.5)
+    assert server["server"].alive()

@@ -4,16 +4,24 @@ The checkpoint is loaded once at startup; every request reuses it. Requests beyo
 ``--concurrency`` wait in a queue (at most ``--max-queue``). Uploads larger than
 ``--max-upload-mb`` or with more than ``--max-pixels`` pixels are refused with a one-line message.
 The page never contacts the internet: Gradio analytics are off and no share link is created.
+
+Uploads, previews and results are kept in a folder of the server's own, ``rsrefseg-serve-XXXXXXXX``
+(mode 0700) in ``--workdir`` (default: the system temp folder), never in Gradio's shared
+``/tmp/gradio``. A browser session's files are deleted when its tab is closed (or after an hour
+without a request); the whole folder is deleted when the server stops (Ctrl+C, SIGTERM, SIGHUP),
+and one left by a killed server is deleted by the next start in the same ``--workdir``.
 Needs the ``app`` extra (``pip install 'rsrefseg[app]'``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from rsrefseg.cli.args import add_model_args, parse_pixels, positive
@@ -24,6 +32,11 @@ from rsrefseg.demo_service import (
     DEFAULT_TILE_THRESHOLD,
 )
 from rsrefseg.errors import ConfigError
+
+#: Signals that stop the server cleanly (a second one interrupts at once).
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+#: Seconds to wait for requests in progress when stopping, before their files are deleted anyway.
+STOP_WAIT_S = 30.0
 
 
 def _port(text: str) -> int:
@@ -36,47 +49,95 @@ def _port(text: str) -> int:
     return port
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM handler: stop like Ctrl+C, so the server closes and temporary outputs are removed."""
-    raise KeyboardInterrupt
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """While inside, SIGINT / SIGTERM / SIGHUP set ``stop`` (a second one raises KeyboardInterrupt);
+    previous handlers are restored afterwards. Does nothing outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the checkpoint, build the page and serve it until interrupted."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401
-    except ModuleNotFoundError:
-        raise ConfigError("the web demo needs gradio: pip install 'rsrefseg[app]'") from None
-    from rsrefseg.app import build_app
+    """Load the checkpoint, build the page and serve it until stopped; then delete every upload and result."""
+    from rsrefseg.demo_storage import PrivateFolder, SessionFiles
 
-    demo = build_app(
-        args.checkpoint,
-        max_upload_mb=args.max_upload_mb,
-        max_pixels=args.max_pixels,
-        concurrency=args.concurrency,
-        max_queue=args.max_queue,
-        device=args.device,
-        precision=args.precision,
-        tile_threshold=args.tile_threshold,
-        tile_cache_mb=args.tile_cache_mb,
-    )
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
-    print(f"rsrefseg serve: http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    storage = PrivateFolder(args.workdir)
+    gradio_temp_dir = os.environ.get("GRADIO_TEMP_DIR")
+    storage.use_for_gradio()  # before gradio is imported: some of its modules read it at import
+    sessions = SessionFiles(storage.path)
+    stop = threading.Event()
+    demo = None
+    old_umask = os.umask(0o077)  # what the server writes is for its own user only
     try:
-        demo.launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=False,
-            inbrowser=False,
-            ssr_mode=False,
-            # Gradio's own cap (checked in the browser before uploading: "File(s) exceed the maximum
-            # allowed size of 50.0 Mb: "name.tif""); the app checks it again for API clients.
-            max_file_size=math.floor(args.max_upload_mb * 2**20),
-        )
-    except OSError as exc:
-        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({' '.join(str(exc).split())})") from None
+        try:
+            import gradio  # noqa: F401
+        except ModuleNotFoundError:
+            raise ConfigError("the web demo needs gradio: pip install 'rsrefseg[app]'") from None
+        from rsrefseg.app import build_app
+
+        with _stop_on_signals(stop):
+            demo = build_app(
+                args.checkpoint,
+                max_upload_mb=args.max_upload_mb,
+                max_pixels=args.max_pixels,
+                concurrency=args.concurrency,
+                max_queue=args.max_queue,
+                device=args.device,
+                precision=args.precision,
+                tile_threshold=args.tile_threshold,
+                tile_cache_mb=args.tile_cache_mb,
+                sessions=sessions,
+            )
+            if stop.is_set():
+                return 0
+            try:
+                demo.launch(
+                    server_name=args.host,
+                    server_port=args.port,
+                    share=False,
+                    inbrowser=False,
+                    ssr_mode=False,
+                    prevent_thread_lock=True,
+                    quiet=True,
+                    # Gradio's own cap (checked in the browser before uploading: "File(s) exceed the maximum
+                    # allowed size of 50.0 Mb: "name.tif""); the app checks it again for API clients.
+                    max_file_size=math.floor(args.max_upload_mb * 2**20),
+                )
+            except OSError as exc:
+                raise ConfigError(f"cannot serve on {args.host}:{args.port} ({' '.join(str(exc).split())})") from None
+            print(f"rsrefseg serve: http://{args.host}:{args.port} (Ctrl+C to stop); uploads and results in "
+                  f"{storage.path} (deleted when it stops)", flush=True)
+            while not stop.wait(0.5):
+                pass
+            print("rsrefseg serve: stopping; deleting uploads and results", flush=True)
+    finally:
+        if demo is not None:
+            demo.close(verbose=False)
+        sessions.close(STOP_WAIT_S)
+        storage.close()
+        os.umask(old_umask)
+        if gradio_temp_dir is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = gradio_temp_dir
     return 0
 
 
@@ -102,4 +163,7 @@ def add_parser(subparsers: Any) -> None:
                    help="requests processed at once; others wait in the queue (default 1)")
     p.add_argument("--max-queue", type=positive(int), default=32, metavar="N",
                    help="requests allowed to wait; more are refused (default 32)")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="where the server's own folder for uploads and results is made (mode 0700, deleted when "
+                        "the server stops; default: the system temp folder, $TMPDIR or /tmp)")
     p.set_defaults(func=run)
