@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def classFactory(iface: Any) -> Any:  # noqa: N802 (QGIS plugin entry point)
+def classFactory(iface: Any) -> Any:
     """QGIS entry point."""
     from .plugin import RSRefSegPlugin
 

@@ -7,7 +7,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from osgeo import gdal
 from qgis.core import (
@@ -180,9 +180,7 @@ def write_mask_raster(outputs: ImageOutputs, dest: str, work: Path) -> int:
     written = gdal.Translate(str(part), str(stack_path), format=driver, creationOptions=options)
     if written is None:
         raise OutputError(f"{target}: cannot write the mask raster ({gdal.GetLastErrorMsg()})")
-    for i, (expression, _) in enumerate(masks, start=1):
-        written.GetRasterBand(i).SetDescription(expression)
-    written = None  # close before renaming
+    written = None  # close before renaming (band descriptions came with the VRT)
     os.replace(part, target)
     return len(masks)
 
@@ -213,13 +211,13 @@ class LayerStyler(QgsProcessingLayerPostProcessorInterface):
     """Applies a style function to a layer loaded at the end of an algorithm (main thread)."""
 
     #: References kept alive until QGIS has used them (post-processors are not owned by QGIS).
-    _alive: list[LayerStyler] = []
+    _alive: ClassVar[list[LayerStyler]] = []
 
     def __init__(self, apply: Callable[[Any, Any], None]) -> None:
         super().__init__()
         self.apply = apply
 
-    def postProcessLayer(self, layer: Any, context: Any, feedback: Any) -> None:  # noqa: N802 (Qt name)
+    def postProcessLayer(self, layer: Any, context: Any, feedback: Any) -> None:
         self.apply(layer, context)
 
     @classmethod

@@ -46,13 +46,13 @@ class RSRefSegPlugin:
         self.actions: list[QAction] = []
         self.relay: ErrorRelay | None = None
 
-    def initProcessing(self) -> None:  # noqa: N802 (QGIS API name)
+    def initProcessing(self) -> None:
         """Add the provider (also called by qgis_process, without a GUI)."""
         if self.provider is None:
             self.provider = RSRefSegProvider()
             QgsApplication.processingRegistry().addProvider(self.provider)
 
-    def initGui(self) -> None:  # noqa: N802
+    def initGui(self) -> None:
         self.initProcessing()
         window = self.iface.mainWindow()
         segment = QAction(QIcon(str(ICON)), "Segment by expression…", window)

@@ -21,22 +21,22 @@ class RSRefSegProvider(QgsProcessingProvider):
     def name(self) -> str:
         return "RSRefSeg"
 
-    def longName(self) -> str:  # noqa: N802 (QGIS API name)
+    def longName(self) -> str:
         return "RSRefSeg referring segmentation"
 
     def icon(self) -> QIcon:
         return QIcon(str(ICON))
 
-    def loadAlgorithms(self) -> None:  # noqa: N802
+    def loadAlgorithms(self) -> None:
         for algorithm in ALGORITHMS:
             self.addAlgorithm(algorithm())
 
-    def supportsNonFileBasedOutput(self) -> bool:  # noqa: N802
+    def supportsNonFileBasedOutput(self) -> bool:
         """Temporary outputs are files (a GeoPackage, a GeoTIFF), not memory layers."""
         return False
 
-    def defaultVectorFileExtension(self, hasGeometry: bool = True) -> str:  # noqa: N802, N803
+    def defaultVectorFileExtension(self, hasGeometry: bool = True) -> str:
         return "gpkg"
 
-    def defaultRasterFileExtension(self) -> str:  # noqa: N802
+    def defaultRasterFileExtension(self) -> str:
         return "tif"

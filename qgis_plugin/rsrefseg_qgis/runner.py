@@ -80,7 +80,7 @@ def resolve_command(setting: str | None) -> list[str]:
         if found is None:
             raise RSRefSegNotFound(
                 "rsrefseg was not found on PATH; set the path of the Python environment where rsrefseg is "
-                "installed in Plugins > RSRefSeg > Settings")
+                "installed in Raster > RSRefSeg > Settings")
         return [found]
     path = Path(os.path.expanduser(text))
     if path.is_dir():

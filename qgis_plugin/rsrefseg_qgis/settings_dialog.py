@@ -1,4 +1,4 @@
-"""Plugins > RSRefSeg > Settings: environment, default checkpoint, device and precision."""
+"""Raster > RSRefSeg > Settings: environment, default checkpoint, device and precision."""
 
 from __future__ import annotations
 

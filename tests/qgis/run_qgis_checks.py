@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -76,13 +75,13 @@ class Feedback(QgsProcessingFeedback):
         self.cancel_time: float | None = None
         self.progressChanged.connect(self.progress.append)
 
-    def reportError(self, error: str, fatalError: bool = False) -> None:  # noqa: N802, N803
+    def reportError(self, error: str, fatalError: bool = False) -> None:
         self.errors.append(error)
 
-    def pushCommandInfo(self, info: str) -> None:  # noqa: N802
+    def pushCommandInfo(self, info: str) -> None:
         self.commands.append(info)
 
-    def setProgressText(self, text: str) -> None:  # noqa: N802
+    def setProgressText(self, text: str) -> None:
         self.texts.append(text)
         if self.cancel_on_progress and self.cancel_time is None:
             self.cancel_time = time.monotonic()
@@ -136,12 +135,27 @@ def reference_layers(out: Path, image_index: int) -> tuple[list[QgsVectorLayer],
     return [QgsVectorLayer(str(out / o["geojson"]), "ref", "ogr") for o in record["outputs"]], masks, False
 
 
+def same_crs(a: Any, b: Any) -> bool:
+    """Same CRS for GDAL/PROJ (names of objects may differ: GeoPackage stores WKT1, which has no name for
+    the conversion, so "Albers Equal Area" comes back as "unnamed")."""
+    from osgeo import osr
+
+    if not (a.isValid() and b.isValid()):
+        return False
+    sa, sb = osr.SpatialReference(), osr.SpatialReference()
+    wkt2 = a.WKT2_2019 if hasattr(a, "WKT2_2019") else a.WKT_PREFERRED
+    sa.ImportFromWkt(a.toWkt(wkt2))
+    sb.ImportFromWkt(b.toWkt(wkt2))
+    return bool(sa.IsSame(sb))
+
+
 def masks_equal(mask_path: str, references: list[str]) -> bool:
     dataset = gdal.Open(mask_path)
     if dataset is None or dataset.RasterCount != len(references):
         return False
     for band, ref in enumerate(references, start=1):
-        expected = gdal.Open(ref).GetRasterBand(1).ReadAsArray()
+        reference = gdal.Open(ref)  # keep the dataset alive while its band is read (GDAL's Python crashes otherwise)
+        expected = reference.GetRasterBand(1).ReadAsArray()
         if not (dataset.GetRasterBand(band).ReadAsArray() == expected).all():
             return False
     return True
@@ -160,8 +174,9 @@ def compare(name: str, results: dict[str, Any], ok: bool, feedback: Feedback, so
         "vector_valid": layer.isValid(), "mask_valid": mask.isValid(),
         "fields": layer.fields().names(), "feature_count_output": results.get("FEATURE_COUNT"),
         "plugin": vector_stats([layer]), "reference": vector_stats(ref_layers), "reference_is_vector_file": ref_vector,
-        "source_crs_wkt": source_crs.toWkt(), "vector_crs_equal": layer.crs() == source_crs,
-        "mask_crs_equal": mask.crs() == source_crs, "vector_crs_wkt": layer.crs().toWkt(),
+        "source_crs_wkt": source_crs.toWkt(), "vector_crs_wkt": layer.crs().toWkt(),
+        "vector_crs_equal": same_crs(layer.crs(), source_crs), "mask_crs_equal": same_crs(mask.crs(), source_crs),
+        "vector_crs_identical": layer.crs() == source_crs, "mask_crs_identical": mask.crs() == source_crs,
         "mask_bands": mask.bandCount(), "mask_band_names": [mask.bandName(i) for i in range(1, mask.bandCount() + 1)],
         "masks_equal_reference": masks_equal(results["OUTPUT_MASK"], ref_masks),
         "expressions": sorted({str(f["expression"]) for f in layer.getFeatures()}),
@@ -229,10 +244,9 @@ def check_cancel(report: dict[str, Any]) -> None:
     scene = CONFIG["scenes"][0]["path"]
     out = WORK / "cancel"
     out.mkdir(parents=True, exist_ok=True)
-    temp_root = Path(tempfile.gettempdir())
     before = {p.name for p in Path(QgsProcessingUtils.tempFolder()).glob("rsrefseg-*")}
     feedback = Feedback(cancel_on_progress=True)
-    results, ok = run("rsrefseg:segment", {
+    _, ok = run("rsrefseg:segment", {
         "INPUT": scene, "EXPRESSIONS": "the building", "CHECKPOINT": CONFIG["checkpoint"],
         "OUTPUT": str(out / "segments.gpkg"), "OUTPUT_MASK": str(out / "mask.tif")}, feedback)
     returned = time.monotonic()
@@ -241,7 +255,8 @@ def check_cancel(report: dict[str, Any]) -> None:
         "ok": ok, "cancelled_after_progress": feedback.cancel_time is not None,
         "seconds_to_return": None if feedback.cancel_time is None else returned - feedback.cancel_time,
         "outputs_left": sorted(p.name for p in out.iterdir()), "work_folders_left": sorted(left),
-        "processes_left": processes_mentioning(str(temp_root), "rsrefseg-"), "errors": feedback.errors,
+        "processes_left": processes_mentioning(str(Path(QgsProcessingUtils.tempFolder()) / "rsrefseg-")),
+        "errors": feedback.errors,
     }
 
 
@@ -268,7 +283,7 @@ def check_bad_checkpoint(report: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     feedback = Feedback()
     log_start = len(LOG)
-    results, ok = run("rsrefseg:segment", {
+    _, ok = run("rsrefseg:segment", {
         "INPUT": scene, "EXPRESSIONS": "the building", "CHECKPOINT": bad,
         "OUTPUT": str(out / "segments.gpkg"), "OUTPUT_MASK": str(out / "mask.tif")}, feedback)
     QCoreApplication.processEvents()

@@ -19,7 +19,7 @@ import pytest
 from .conftest import PLUGIN_DIR, ROOT
 
 sys.path.insert(0, str(PLUGIN_DIR))
-from rsrefseg_qgis import results, runner  # noqa: E402
+from rsrefseg_qgis import results, runner
 
 
 class FakeFeedback:
@@ -33,24 +33,24 @@ class FakeFeedback:
         self.errors: list[str] = []
         self.console: list[str] = []
 
-    def isCanceled(self) -> bool:  # noqa: N802
+    def isCanceled(self) -> bool:
         return self.cancelled
 
-    def setProgress(self, value: float) -> None:  # noqa: N802
+    def setProgress(self, value: float) -> None:
         self.progress.append(value)
 
-    def setProgressText(self, text: str) -> None:  # noqa: N802
+    def setProgressText(self, text: str) -> None:
         self.texts.append(text)
         if self.cancel_on_progress:
             self.cancelled = True
 
-    def pushInfo(self, text: str) -> None:  # noqa: N802
+    def pushInfo(self, text: str) -> None:
         self.console.append(text)
 
-    def pushConsoleInfo(self, text: str) -> None:  # noqa: N802
+    def pushConsoleInfo(self, text: str) -> None:
         self.console.append(text)
 
-    def reportError(self, text: str, fatal: bool = False) -> None:  # noqa: N802
+    def reportError(self, text: str, fatal: bool = False) -> None:
         self.errors.append(text)
 
 
@@ -108,7 +108,7 @@ def test_a_crash_without_error_line_reports_the_stderr_tail(tmp_path: Path) -> N
         sys.exit(1)
     """)
     result = runner.run_cli(argv, FakeFeedback())
-    with pytest.raises(runner.CliFailed, match="exited with status 1:\nTraceback.*\nRuntimeError: boom"):
+    with pytest.raises(runner.CliFailed, match=r"exited with status 1:\nTraceback.*\nRuntimeError: boom"):
         runner.check(result)
 
 
@@ -215,7 +215,7 @@ def test_results_of_an_older_cli_and_of_failures(tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
     out2 = _summary(other, {}, failures=[{"error": "x.tif: corrupt file"}])
-    with pytest.raises(results.SummaryError, match="x.tif: corrupt file"):
+    with pytest.raises(results.SummaryError, match=r"x\.tif: corrupt file"):
         results.image_outputs(results.read_summary(out2), out2)
     with pytest.raises(results.SummaryError, match="cannot read"):
         results.read_summary(tmp_path / "missing")

@@ -57,7 +57,7 @@ class RSRefSegAlgorithm(QgsProcessingAlgorithm):
 
     CHECKPOINT, DEVICE, PRECISION = "CHECKPOINT", "DEVICE", "PRECISION"
 
-    def createInstance(self) -> RSRefSegAlgorithm:  # noqa: N802 (QGIS API name)
+    def createInstance(self) -> RSRefSegAlgorithm:
         return type(self)()
 
     # parameters ------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ class RSRefSegAlgorithm(QgsProcessingAlgorithm):
         """CHECKPOINT: a folder, its default from the settings."""
         default = settings.value(settings.KEY_CHECKPOINT) or None
         self.addParameter(QgsProcessingParameterFile(
-            self.CHECKPOINT, tr("Checkpoint folder (empty: the default of Plugins > RSRefSeg > Settings)"),
+            self.CHECKPOINT, tr("Checkpoint folder (empty: the default of Raster > RSRefSeg > Settings)"),
             behavior=QgsProcessingParameterFile.Folder, defaultValue=default, optional=True))
 
     def add_model_parameters(self) -> None:
@@ -83,7 +83,7 @@ class RSRefSegAlgorithm(QgsProcessingAlgorithm):
         path = self.parameterAsFile(parameters, self.CHECKPOINT, context) or settings.value(settings.KEY_CHECKPOINT)
         if not path:
             raise QgsProcessingException(tr("No checkpoint: choose a checkpoint folder or set the default one "
-                                            "in Plugins > RSRefSeg > Settings"))
+                                            "in Raster > RSRefSeg > Settings"))
         return path
 
     def model_args(self, parameters: dict[str, Any], context: Any) -> list[str]:
@@ -116,7 +116,7 @@ class RSRefSegAlgorithm(QgsProcessingAlgorithm):
         """A new temporary folder in Processing's temporary folder (the caller removes it)."""
         return Path(tempfile.mkdtemp(prefix="rsrefseg-", dir=QgsProcessingUtils.tempFolder()))
 
-    def processAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> dict[str, Any]:  # noqa: N802
+    def processAlgorithm(self, parameters: dict[str, Any], context: Any, feedback: Any) -> dict[str, Any]:
         """Run :meth:`process`; user errors become a one-line QgsProcessingException, logged too."""
         work = self.work_folder()
         try:

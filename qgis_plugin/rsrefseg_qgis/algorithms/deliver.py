@@ -17,7 +17,15 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
-from ..layers import cli_features, layer_name, mask_styler, output_crs, output_fields, vector_styler, write_features
+from ..layers import (
+    cli_features,
+    layer_name,
+    mask_styler,
+    output_crs,
+    output_fields,
+    vector_styler,
+    write_features,
+)
 from ..layers import write_mask_raster as stack_masks
 from ..results import check_georeferenced, image_outputs, read_summary
 from .base import RSRefSegAlgorithm, parse_expressions, tr

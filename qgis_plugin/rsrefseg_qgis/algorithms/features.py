@@ -19,7 +19,13 @@ from qgis.core import (
 
 from ..runner import RSRefSegNotFound
 from .base import RSRefSegAlgorithm, raster_file, tr
-from .deliver import add_expression_parameters, add_output_parameters, deliver, expressions_file, threshold_args
+from .deliver import (
+    add_expression_parameters,
+    add_output_parameters,
+    deliver,
+    expressions_file,
+    threshold_args,
+)
 from .deliver import vector_args as vector_format_args
 from .segment import band_args
 
@@ -56,10 +62,10 @@ class EncodeFeatures(RSRefSegAlgorithm):
     def name(self) -> str:
         return "encode"
 
-    def displayName(self) -> str:  # noqa: N802 (QGIS API name)
+    def displayName(self) -> str:
         return tr("Encode scene features")
 
-    def shortHelpString(self) -> str:  # noqa: N802
+    def shortHelpString(self) -> str:
         return tr(
             "Encodes a raster once into a feature folder (rsrefseg encode): the image embeddings of every "
             "window, on disk. \"Segment from features\" then answers new expressions on that scene by "
@@ -68,7 +74,7 @@ class EncodeFeatures(RSRefSegAlgorithm):
             "output folder."
         )
 
-    def initAlgorithm(self, config: Any = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: Any = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer or file")))
         self.add_checkpoint_parameter()
         self.addParameter(QgsProcessingParameterBand(
@@ -89,7 +95,7 @@ class EncodeFeatures(RSRefSegAlgorithm):
             raise QgsProcessingException(self.invalidRasterError(parameters, self.INPUT))
         out = Path(self.parameterAsString(parameters, self.OUTPUT, context))
         out.mkdir(parents=True, exist_ok=True)
-        path, original = raster_file(layer, out)  # a VRT of a non-file source stays next to its features
+        path, _ = raster_file(layer, out)  # a VRT of a non-file source stays next to its features
         args = band_args(self, parameters, context, self.BANDS)
         dtype = DTYPES[self.parameterAsEnum(parameters, self.DTYPE, context)]
         result = self.run_rsrefseg(
@@ -111,17 +117,17 @@ class SegmentFromFeatures(RSRefSegAlgorithm):
     def name(self) -> str:
         return "segment_features"
 
-    def displayName(self) -> str:  # noqa: N802 (QGIS API name)
+    def displayName(self) -> str:
         return tr("Segment from features")
 
-    def shortHelpString(self) -> str:  # noqa: N802
+    def shortHelpString(self) -> str:
         return tr(
             "Segments referring expressions on a scene encoded by \"Encode scene features\", without reading "
             "or encoding the image again (seconds instead of minutes on a large scene). Use the checkpoint "
             "the features were made with. Outputs as in \"Segment by expression\"."
         )
 
-    def initAlgorithm(self, config: Any = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: Any = None) -> None:
         self.addParameter(QgsProcessingParameterFile(
             self.FEATURES, tr("Feature folder (from \"Encode scene features\")"),
             behavior=QgsProcessingParameterFile.Folder))

@@ -42,13 +42,13 @@ class SegmentByExpression(RSRefSegAlgorithm):
     def name(self) -> str:
         return "segment"
 
-    def displayName(self) -> str:  # noqa: N802 (QGIS API name)
+    def displayName(self) -> str:
         return tr("Segment by expression")
 
-    def shortHelpString(self) -> str:  # noqa: N802
+    def shortHelpString(self) -> str:
         return tr(
             "Finds the objects that referring expressions describe (\"the storage tank closest to the river\") "
-            "in a raster layer, with the rsrefseg command of the environment set in Plugins > RSRefSeg > "
+            "in a raster layer, with the rsrefseg command of the environment set in Raster > RSRefSeg > "
             "Settings. One expression per line. Output: polygons in the raster's CRS with the fields "
             "expr_index, expression, score, area_m2, perimeter_m and source, and a mask raster with one band "
             "per expression (255 = object). An extent (the map view, or a rectangle drawn on the map) "
@@ -56,7 +56,7 @@ class SegmentByExpression(RSRefSegAlgorithm):
             "the first three, or the single band)."
         )
 
-    def initAlgorithm(self, config: Any = None) -> None:  # noqa: N802
+    def initAlgorithm(self, config: Any = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer or file")))
         add_expression_parameters(self)
         self.add_checkpoint_parameter()
