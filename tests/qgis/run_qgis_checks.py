@@ -322,12 +322,62 @@ def check_features(report: dict[str, Any]) -> None:
     report["features"] = entry
 
 
+def check_vector_layout(report: dict[str, Any]) -> None:
+    """The plugin reads the combined vector file of CONTRACTS.md A (``images[i]["vector"]``, layer
+    ``rsrefseg``; built here with OGR from the reference run's GeoJSON files) exactly as the
+    per-expression GeoJSON files: same features, attributes, areas and CRS."""
+    from osgeo import ogr
+    from rsrefseg_qgis.layers import cli_features
+    from rsrefseg_qgis.results import image_outputs
+
+    ref = WORK / "reference-0"
+    summary = json.loads((ref / "summary.json").read_text(encoding="utf-8"))
+    record = {k: v for k, v in summary["images"][0].items() if k not in ("vector", "vector_format")}
+    old = image_outputs({**summary, "images": [record]}, ref)
+    path = ref / record["dir"] / f"{record['dir']}.contract.gpkg"
+    first = ogr.Open(str(old.expressions[0].geojson))
+    dataset = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    layer = dataset.CreateLayer("rsrefseg", first.GetLayer(0).GetSpatialRef(), ogr.wkbMultiPolygon)
+    for name, kind in (("expr_index", ogr.OFTInteger), ("expression", ogr.OFTString), ("score", ogr.OFTReal),
+                       ("area_m2", ogr.OFTReal), ("perimeter_m", ogr.OFTReal), ("source", ogr.OFTString)):
+        layer.CreateField(ogr.FieldDefn(name, kind))
+    for expr in old.expressions:
+        source = ogr.Open(str(expr.geojson))
+        for feature in source.GetLayer(0):
+            out = ogr.Feature(layer.GetLayerDefn())
+            geometry = feature.GetGeometryRef()
+            out.SetGeometry(ogr.ForceToMultiPolygon(geometry.Clone()))
+            out["expr_index"], out["expression"] = expr.index, expr.expression
+            out["score"], out["source"] = feature["score"], feature["source"]
+            if feature["area_m2"] is not None:
+                out["area_m2"] = feature["area_m2"]
+                out["perimeter_m"] = geometry.Boundary().Length()  # metres: the Albers CRS is in metres
+            layer.CreateFeature(out)
+        source = None
+    first = dataset = layer = None  # close (GDAL writes on release)
+    new = image_outputs({**summary, "images": [{**record, "vector": str(path.relative_to(ref)),
+                                                "vector_format": "gpkg"}]}, ref)
+
+    def rows(features: list[Any]) -> list[tuple]:
+        return sorted((int(f["expr_index"]), str(f["expression"]), round(float(f["score"]), 9),
+                       round(f.geometry().area(), 6), round(float(f["area_m2"]), 6), round(float(f["perimeter_m"]), 6),
+                       str(f["source"])) for f in features)
+
+    old_features, old_layer = cli_features(old)
+    new_features, new_layer = cli_features(new)
+    report["vector_layout"] = {
+        "from_vector_file": new.vector is not None, "count_geojson": len(old_features),
+        "count_vector_file": len(new_features), "rows_equal": rows(old_features) == rows(new_features),
+        "crs_equal": same_crs(old_layer.crs(), new_layer.crs()),
+    }
+
+
 def main() -> None:
     report: dict[str, Any] = {"qgis_version": Qgis.QGIS_VERSION}
     algorithms = sorted(a.id() for a in REGISTRY.providerById("rsrefseg").algorithms())
     report["algorithms"] = algorithms
     checks = {"segment": check_segment, "cancel": check_cancel, "bad_checkpoint": check_bad_checkpoint,
-              "features": check_features}
+              "features": check_features, "vector_layout": check_vector_layout}
     for name in CONFIG["checks"]:
         start = time.monotonic()
         try:

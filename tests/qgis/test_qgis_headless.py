@@ -65,7 +65,7 @@ def report(qgis_python: str, qgis_checkpoint: Path, shared_data: Path, tmp_path_
     bad.mkdir()
     (bad / "config.json").write_text((qgis_checkpoint / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
     (bad / "model.safetensors").write_bytes(b"this is not a safetensors file")
-    checks = ["segment", "cancel", "bad_checkpoint"] + (["features"] if _has_features() else [])
+    checks = ["segment", "vector_layout", "cancel", "bad_checkpoint"] + (["features"] if _has_features() else [])
     config = {
         "plugin_dir": str(PLUGIN_DIR), "environment": rsrefseg_command(), "child_pythonpath": str(ROOT / "src"),
         "checkpoint": str(qgis_checkpoint), "bad_checkpoint": str(bad), "scenes": scenes,
@@ -147,6 +147,12 @@ def test_bad_checkpoint_reports_the_cli_error(report: dict[str, Any]) -> None:
     assert cli_error in entry["plugin_errors"][-1]  # and the algorithm's failure message
     assert any(m["critical"] and cli_error in m["message"] for m in entry["log"])  # QGIS log -> message bar
     assert entry["outputs_left"] == []
+
+
+def test_plugin_reads_the_combined_vector_file_of_the_contract(report: dict[str, Any]) -> None:
+    entry = report["vector_layout"]
+    assert entry["from_vector_file"] and entry["count_vector_file"] == entry["count_geojson"] > 0
+    assert entry["rows_equal"] and entry["crs_equal"]
 
 
 def test_plugin_reads_the_cli_geopackage(report: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """The plugin in the QGIS desktop (under Xvfb): installed from the zip of ``make qgis-plugin`` into a fresh
 profile, a GeoTIFF and the styled result layers loaded, screenshots saved under the artifacts folder
 (``$RSREFSEG_ARTIFACTS``: qgis_canvas.png, qgis_window.png, qgis_algorithm_dialog.png,
-qgis_settings_dialog.png)."""
+qgis_settings_dialog.png, qgis_error_message.png)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,11 @@ def test_plugin_in_the_qgis_desktop(qgis_python: str, qgis_checkpoint: Path, sha
         "[PythonPlugins]\nrsrefseg_qgis=true\n\n"
         f"[rsrefseg]\nenvironment={rsrefseg_command()}\ncheckpoint={qgis_checkpoint}\ndevice=cpu\nprecision=fp32\n\n"
         "[qgis]\ncheckVersion=false\nshowTips=false\n", encoding="utf-8")
-    config = {"scene": str(scene), "expressions": EXPRESSIONS, "checkpoint": str(qgis_checkpoint),
+    bad = tmp_path / "bad-checkpoint"
+    bad.mkdir()
+    shutil.copy(qgis_checkpoint / "config.json", bad / "config.json")
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    config = {"scene": str(scene), "bad_checkpoint": str(bad), "expressions": EXPRESSIONS, "checkpoint": str(qgis_checkpoint),
               "vector": str(tmp_path / "segments.gpkg"), "mask": str(tmp_path / "mask.tif"),
               "artifacts": str(artifacts), "report": str(tmp_path / "report.json")}
     (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
@@ -81,6 +85,11 @@ def test_plugin_in_the_qgis_desktop(qgis_python: str, qgis_checkpoint: Path, sha
         assert names[mask_name]["renderer"] == "paletted" and names[mask_name]["band"] == band
         assert names[mask_name]["crs_equal_raster"]
     assert report["settings"]["environment"] == rsrefseg_command()
+    # the CLI's error line of the failed run is in the message bar
+    assert report["bad_run"] != "succeeded"
+    assert any(title == "RSRefSeg" and "model.safetensors" in text and text.startswith("error: ")
+               for title, text in report["message_bar"]), report["message_bar"]
     assert proc.returncode == 0, "QGIS did not quit cleanly (a dialog blocked the exit?)"
-    for shot in ("qgis_canvas.png", "qgis_window.png", "qgis_algorithm_dialog.png", "qgis_settings_dialog.png"):
+    for shot in ("qgis_canvas.png", "qgis_window.png", "qgis_algorithm_dialog.png", "qgis_settings_dialog.png",
+                 "qgis_error_message.png"):
         assert (artifacts / shot).stat().st_size > 10_000, shot

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import processing
-from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
+from qgis.core import QgsProcessingException, QgsProject, QgsRasterLayer, QgsVectorLayer
 from qgis.PyQt.QtCore import QTimer
 from qgis.utils import iface, plugins
 
@@ -104,6 +104,25 @@ def grab_dialogs(dialog: Any) -> None:
     REPORT["settings"] = settings.values()
     settings.grab().save(str(SHOTS / "qgis_settings_dialog.png"))
     settings.close()
+    QTimer.singleShot(200, guarded(bad_checkpoint))
+
+
+def bad_checkpoint() -> None:
+    """A failing run: the CLI's error line must reach the message bar."""
+    try:
+        processing.run("rsrefseg:segment", {
+            "INPUT": CONFIG["scene"], "EXPRESSIONS": "the building", "CHECKPOINT": CONFIG["bad_checkpoint"],
+            "OUTPUT": CONFIG["vector"] + ".bad.gpkg", "OUTPUT_MASK": CONFIG["mask"] + ".bad.tif"})
+        REPORT["bad_run"] = "succeeded"
+    except QgsProcessingException as exc:
+        REPORT["bad_run"] = str(exc)
+    QTimer.singleShot(1000, guarded(message_bar))
+
+
+def message_bar() -> None:
+    items = iface.messageBar().items()
+    REPORT["message_bar"] = [[item.title(), item.text()] for item in items]
+    iface.mainWindow().grab().save(str(SHOTS / "qgis_error_message.png"))
     REPORT["done"] = True
     save_report()
     QTimer.singleShot(200, quit_qgis)
