@@ -372,12 +372,45 @@ def check_vector_layout(report: dict[str, Any]) -> None:
     }
 
 
+def check_bad_inputs(report: dict[str, Any]) -> None:
+    """Mistakes caught before rsrefseg starts: each run fails with one readable message, no output."""
+    scene = CONFIG["scenes"][0]["path"]
+    out = WORK / "bad-inputs"
+    out.mkdir(parents=True, exist_ok=True)
+    base = {"INPUT": scene, "EXPRESSIONS": "the building", "CHECKPOINT": CONFIG["checkpoint"],
+            "OUTPUT": str(out / "segments.gpkg"), "OUTPUT_MASK": str(out / "mask.tif")}
+    source = QgsRasterLayer(scene, "s", "gdal")
+    e = source.extent()
+    far = f"{e.xMaximum() + 1000},{e.xMaximum() + 2000},{e.yMaximum() + 1000},{e.yMaximum() + 2000}"
+    cases = {
+        "no_expression": ("rsrefseg:segment", {**base, "EXPRESSIONS": " \n  \n"}),
+        "two_bands": ("rsrefseg:segment", {**base, "BANDS": [1, 2]}),
+        "extent_outside": ("rsrefseg:segment", {**base, "EXTENT": far}),
+        "no_checkpoint": ("rsrefseg:segment", {**base, "CHECKPOINT": ""}),
+        "not_a_feature_folder": ("rsrefseg:segment_features", {**base, "FEATURES": str(out)}),
+        "missing_environment": ("rsrefseg:segment", base),
+    }
+    results: dict[str, Any] = {}
+    for name, (algorithm, params) in cases.items():
+        if name == "missing_environment":
+            QgsSettings().setValue("rsrefseg/environment", str(WORK / "no-such-env"))
+        feedback = Feedback()
+        try:
+            _, ok = run(algorithm, params, feedback)
+        finally:
+            QgsSettings().setValue("rsrefseg/environment", CONFIG["environment"])
+        results[name] = {"ok": ok, "errors": feedback.errors, "commands": feedback.commands}
+    results["outputs_left"] = sorted(p.name for p in out.iterdir())
+    report["bad_inputs"] = results
+
+
 def main() -> None:
     report: dict[str, Any] = {"qgis_version": Qgis.QGIS_VERSION}
     algorithms = sorted(a.id() for a in REGISTRY.providerById("rsrefseg").algorithms())
     report["algorithms"] = algorithms
     checks = {"segment": check_segment, "cancel": check_cancel, "bad_checkpoint": check_bad_checkpoint,
-              "features": check_features, "vector_layout": check_vector_layout}
+              "features": check_features, "vector_layout": check_vector_layout,
+              "bad_inputs": check_bad_inputs}
     for name in CONFIG["checks"]:
         start = time.monotonic()
         try:
@@ -391,4 +424,9 @@ def main() -> None:
 
 
 main()
-APP.exitQgis()
+# End here: the tracebacks of the failed runs keep frames (and the layers in them) alive until
+# interpreter shutdown, which would destroy them after exitQgis() has closed GDAL (a crash that says
+# nothing about the plugin). The report is written and closed.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)

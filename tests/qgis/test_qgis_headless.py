@@ -65,7 +65,7 @@ def report(qgis_python: str, qgis_checkpoint: Path, shared_data: Path, tmp_path_
     bad.mkdir()
     (bad / "config.json").write_text((qgis_checkpoint / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
     (bad / "model.safetensors").write_bytes(b"this is not a safetensors file")
-    checks = ["segment", "vector_layout", "cancel", "bad_checkpoint"] + (["features"] if _has_features() else [])
+    checks = ["segment", "vector_layout", "cancel", "bad_checkpoint", "bad_inputs"] + (["features"] if _has_features() else [])
     config = {
         "plugin_dir": str(PLUGIN_DIR), "environment": rsrefseg_command(), "child_pythonpath": str(ROOT / "src"),
         "checkpoint": str(qgis_checkpoint), "bad_checkpoint": str(bad), "scenes": scenes,
@@ -147,6 +147,22 @@ def test_bad_checkpoint_reports_the_cli_error(report: dict[str, Any]) -> None:
     assert cli_error in entry["plugin_errors"][-1]  # and the algorithm's failure message
     assert any(m["critical"] and cli_error in m["message"] for m in entry["log"])  # QGIS log -> message bar
     assert entry["outputs_left"] == []
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("no_expression", "No expression: type at least one referring expression"),
+    ("two_bands", "Choose 1 or 3 bands (red, green, blue), not 2"),
+    ("extent_outside", "does not overlap the raster"),
+    ("no_checkpoint", "No checkpoint: choose a checkpoint folder"),
+    ("not_a_feature_folder", "not a feature folder (no index.json)"),
+    ("missing_environment", "no-such-env: no such file or folder (RSRefSeg environment setting)"),
+])
+def test_bad_inputs_fail_before_running_rsrefseg(report: dict[str, Any], case: str, message: str) -> None:
+    entry = report["bad_inputs"][case]
+    assert entry["ok"] is False
+    assert len(entry["errors"]) == 1 and message in entry["errors"][0], entry["errors"]
+    assert entry["commands"] == []  # rsrefseg was not started
+    assert report["bad_inputs"]["outputs_left"] == []
 
 
 def test_plugin_reads_the_combined_vector_file_of_the_contract(report: dict[str, Any]) -> None:

@@ -137,10 +137,10 @@ class SegmentFromFeatures(RSRefSegAlgorithm):
         self.add_model_parameters()
 
     def process(self, parameters: dict[str, Any], context: Any, feedback: Any, work: Path) -> dict[str, Any]:
-        if not self.supports("predict", "--features"):
-            raise RSRefSegNotFound("this rsrefseg has no predict --features; update rsrefseg")
         folder = feature_folder(self.parameterAsFile(parameters, self.FEATURES, context))
         texts = expressions_file(self, parameters, context, work)
+        if not self.supports("predict", "--features"):
+            raise RSRefSegNotFound("this rsrefseg has no predict --features; update rsrefseg")
         out = work / "out"
         self.run_rsrefseg(
             ["predict", "--features", str(folder), "--texts-file", str(texts),
