@@ -77,7 +77,7 @@ def vector_args(alg: RSRefSegAlgorithm) -> list[str]:
 def deliver(alg: RSRefSegAlgorithm, parameters: dict[str, Any], context: Any, feedback: Any, out: Path,
             work: Path, crs: QgsCoordinateReferenceSystem | None = None,
             source: str | None = None) -> dict[str, Any]:
-    """Read ``out/summary.json``, write the sink and the mask raster, name and style them.
+    """Read ``out/summary.json``, write the mask raster and the sink, name and style them.
 
     ``crs``: the source raster's CRS (preferred over the CLI file's); ``source``: the value of the
     ``source`` field (the user's raster when the CLI read a clipped copy).
@@ -89,25 +89,25 @@ def deliver(alg: RSRefSegAlgorithm, parameters: dict[str, Any], context: Any, fe
     feedback.setProgressText(tr("Writing the outputs"))
     features, cli_layer = cli_features(outputs, source)
     target_crs = output_crs(outputs, cli_layer, crs)
+    results: dict[str, Any] = {FEATURE_COUNT: len(features)}
+    mask_path = alg.parameterAsOutputLayer(parameters, OUTPUT_MASK, context)
+    if mask_path:  # first: it is the output more likely to fail (disk, driver), and it is written atomically
+        stack_masks(outputs, mask_path, work)
+        results[OUTPUT_MASK] = mask_path
+        if context.willLoadLayerOnCompletion(mask_path):
+            details = context.layerToLoadOnCompletionDetails(mask_path)
+            details.name = layer_name(expressions[:1], "mask: ")  # band 1; further bands get their own layers
+            details.setPostProcessor(mask_styler(expressions))
     sink, dest_id = alg.parameterAsSink(parameters, OUTPUT, context, output_fields(), QgsWkbTypes.MultiPolygon,
                                         target_crs)
     if sink is None:
         raise QgsProcessingException(alg.invalidSinkError(parameters, OUTPUT))
     write_features(sink, features)
     del sink  # flush and close before Processing loads the layer
-    results: dict[str, Any] = {OUTPUT: dest_id, FEATURE_COUNT: len(features)}
+    results[OUTPUT] = dest_id
     if context.willLoadLayerOnCompletion(dest_id):
         details = context.layerToLoadOnCompletionDetails(dest_id)
         details.name = layer_name(expressions)
         details.setPostProcessor(vector_styler(expressions))
-    mask_path = alg.parameterAsOutputLayer(parameters, OUTPUT_MASK, context)
-    if mask_path:
-        stack_masks(outputs, mask_path, work)
-        results[OUTPUT_MASK] = mask_path
-        if context.willLoadLayerOnCompletion(mask_path):
-            details = context.layerToLoadOnCompletionDetails(mask_path)
-            details.name = layer_name(expressions[:1], "mask: ") if len(expressions) > 1 else \
-                layer_name(expressions, "mask: ")
-            details.setPostProcessor(mask_styler(expressions))
     feedback.pushInfo(tr(f"{len(features)} polygon(s) for {len(expressions)} expression(s)"))
     return results
