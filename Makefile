@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test lint bench clean help
+.PHONY: all venv demo test lint bench clean help qgis-plugin
 
 help:
 	@echo "make demo   - set up .venv, generate the NWPU referring set, train tiny on CPU (<=15 min), evaluate, predict"
 	@echo "make test   - set up .venv and run ruff + the test suite"
 	@echo "make bench  - benchmark suite (writes bench.json; with the bf16 agreement check after make demo)"
+	@echo "make qgis-plugin - build dist/rsrefseg_qgis.zip (QGIS: Plugins > Install from ZIP)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,10 @@ bench: $(STAMP)
 		echo "(no $(DEMO_CKPT): run make demo first to include the bf16 agreement check)"; \
 		set -x; $(BIN)/rsrefseg bench --out bench.json; \
 	fi
+
+# The QGIS plugin as an installable zip (standard library only; no venv needed).
+qgis-plugin:
+	$(PYTHON) scripts/build_qgis_plugin.py --out dist/rsrefseg_qgis.zip
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
