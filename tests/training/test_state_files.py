@@ -201,3 +201,17 @@ def test_crafted_pickle_in_a_checkpoint_is_never_unpickled(synthetic: dict[str, 
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {ckpt / 'optimizer.pt'}: ") and "pickle" in lines[0]
     assert "Traceback" not in done.stderr and not marker.exists()
+
+
+def test_optimizer_states_holding_objects_are_refused_before_training() -> None:
+    from rsrefseg.errors import ConfigError
+    from rsrefseg.training.state_files import check_storable
+
+    class LossScaler:  # what DeepSpeed ZeRO keeps in its optimizer state dict
+        cur_scale = 65536.0
+
+    adam = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    check_storable(adam.state_dict(), "optimizer state")  # plain: accepted
+    zero_like = {"loss_scaler": LossScaler(), "base_optimizer_state": adam.state_dict()}
+    with pytest.raises(ConfigError, match=r"optimizer state\['loss_scaler'\]: a LossScaler cannot be stored.*FSDP"):
+        check_storable(zero_like, "optimizer state")

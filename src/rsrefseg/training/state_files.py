@@ -73,6 +73,23 @@ class _Encoder:
         raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored without pickle")
 
 
+def check_storable(obj: Any, what: str) -> None:
+    """Raise a :class:`~rsrefseg.errors.ConfigError` when ``obj`` could not be saved by :func:`save_tree`.
+
+    Run before training starts, so that an optimizer whose state holds Python objects (DeepSpeed
+    ZeRO keeps its loss scaler and parameter mappings as objects) is refused at once, not at the
+    first checkpoint hours later.
+    """
+    from rsrefseg.errors import ConfigError
+
+    try:
+        _Encoder().encode(obj, what)
+    except TypeError as exc:
+        raise ConfigError(f"{exc}; resumable checkpoints store plain data only (never pickle), so this "
+                          "optimizer cannot be checkpointed: use DDP or FSDP (accelerate config) instead of "
+                          "DeepSpeed ZeRO") from None
+
+
 def save_tree(obj: Any, path: str | os.PathLike[str], what: str = "state") -> None:
     """Write ``obj`` (a tree of plain values, tensors and numpy arrays) to ``path`` atomically."""
     from rsrefseg.checkpoint import save_safetensors

@@ -47,6 +47,7 @@ from rsrefseg.training.state import (
     save_best,
     save_resumable,
 )
+from rsrefseg.training.state_files import check_storable
 from rsrefseg.training.train_config import TrainConfig, dump_config
 from rsrefseg.utils import atomic_write_text, check_output_dir, remove_stale_temp_files
 
@@ -196,6 +197,7 @@ def _train(
     scheduler = make_scheduler(optimizer, schedule)
     loss_module = LossModule(net, config.loss.bce_weight, config.loss.dice_weight, config.loss.activation_weight)
     model, optimizer = accelerator.prepare(loss_module, optimizer)
+    check_storable(optimizer.state_dict(), "optimizer state")  # before any step: refused now, not at a checkpoint
     view = AugmentedView(train_ds, config.data.flip_h, config.data.flip_v)
 
     state = TrainerState()
