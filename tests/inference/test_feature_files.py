@@ -112,10 +112,9 @@ def test_hostile_window_files_are_refused_before_allocating(tmp_path: Path) -> N
     big["sam"] = {**header["sam"], "shape": [1, 8, 100000, 100000]}
     with pytest.raises(DataError, match="expected F32 \\[1, 8, 4, 4\\]"):
         ff.read_window(_raw_file(tmp_path / "big.safetensors", big, data), _expected(), KEY, BOX)
-    # Overlapping offsets (two tensors sharing bytes, the total kept right).
+    # Shifted offsets: the tensors no longer tile the data block (a gap, then an overlap).
     overlap = json.loads(json.dumps(header))
-    overlap["clip"]["data_offsets"] = overlap["sam"]["data_offsets"][:1] + [
-        overlap["sam"]["data_offsets"][0] + overlap["clip"]["data_offsets"][1] - overlap["clip"]["data_offsets"][0]]
+    overlap["clip"]["data_offsets"] = [v + 4 for v in header["clip"]["data_offsets"]]
     with pytest.raises(DataError, match="overlap or leave gaps"):
         ff.read_window(_raw_file(tmp_path / "overlap.safetensors", overlap, data), _expected(), KEY, BOX)
     # An extra tensor, a wrong format, an unknown layout.
@@ -192,7 +191,7 @@ def test_bad_index_fields_are_refused(tmp_path: Path, mutate, message: str) -> N
 
 
 def test_good_index_passes_and_gives_georef(tmp_path: Path) -> None:
-    index, georef = fi.check_index(tmp_path, _index(), max_pixels=10**8)
+    _, georef = fi.check_index(tmp_path, _index(), max_pixels=10**8)
     assert georef.crs is None and georef.transform.e == -1.0 and georef.shape == (50, 70)
 
 
