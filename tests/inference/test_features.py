@@ -434,3 +434,27 @@ def test_encode_cli_bad_scene(scene_tif, tiny_checkpoint, tmp_path, capsys):
     assert main([*base, str(bad), str(scene_tif)]) == 1
     assert (out / "scene" / "index.json").is_file()
     assert main([*base, str(tmp_path / "missing.tif")]) == 2
+
+
+@pytest.mark.slow
+def test_landsat_features_equal_the_image(module_predictor, tmp_path, monkeypatch):
+    """The shared Landsat sample (2846 x 4627, nodata, EPSG:4326) in 6 windows of 2048 px (resized to
+    the tiny model's 256): float32 features decode exactly as the image, float16 to IoU >= 0.99."""
+    from rsrefseg import paths
+
+    scene = paths.geotiff_root() / "landsat_large_nodata_wgs84.tif"
+    if not scene.is_file():
+        pytest.skip(f"shared Landsat sample not available at {scene}")
+    result = encode_scene(module_predictor, scene, tmp_path / "f32", tile=2048, overlap=256)
+    assert result.windows == 6 and result.encoded == 6
+    recast_features(module_predictor, tmp_path / "f32", tmp_path / "f16", "float16")
+    texts = ["the river", "bright fields in the north"]
+    with open_scene(scene) as source:
+        reference = predict_scene(module_predictor, source, texts, tile=2048, overlap=256)
+    calls = count_encodes(module_predictor, monkeypatch)
+    fs = open_features(tmp_path / "f32", module_predictor, tile=2048, overlap=256)
+    assert fs.source.georef.crs.to_epsg() == 4326 and fs.index["stretch"]["limits"]
+    assert_same(predict_from_features(module_predictor, fs, texts), reference)
+    assert_same(predict_from_features(module_predictor, tmp_path / "f16", texts), reference, exact=False)
+    assert calls[0] == 0
+    assert all(0 < p.mask.sum() < p.mask.size for p in reference.predictions)
