@@ -217,3 +217,9 @@ def test_oversized_index_is_refused_without_reading_it_all(tmp_path: Path, monke
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="feature folder not found"):
         fi.read_index_json(tmp_path / "nope")
+
+
+def test_cli_dtype_names_match_the_library() -> None:
+    from rsrefseg.cli.encode_cli import DTYPE_NAMES
+
+    assert DTYPE_NAMES == tuple(ff.FEATURE_DTYPES)

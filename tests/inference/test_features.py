@@ -150,9 +150,9 @@ def test_features_decode_exactly_like_the_image(module_predictor, encoded, refer
     index = json.loads((moved / "index.json").read_text())
     assert index["scene"]["file_size"] == scene_tif.stat().st_size
     fs2 = open_features(moved, module_predictor)
-    again = predict_scene(module_predictor, fs2.source, TEXTS, tile=fs2.tile, overlap=fs2.overlap, heatmap=True,
-                          cache=fs2.cache)
-    assert_same(again, reference)
+    again = predict_scene(module_predictor, fs2.source, TEXTS, tile=fs2.tile, overlap=fs2.overlap, cache=fs2.cache)
+    for x, y in zip(again.predictions, reference.predictions, strict=True):
+        np.testing.assert_array_equal(x.logits, y.logits)
 
 
 def test_preview_and_read(module_predictor, encoded, scene_tif):
@@ -323,6 +323,18 @@ def test_encode_into_a_folder_of_other_settings(module_predictor, encoded, scene
         encode_scene(module_predictor, scene_tif, folder, tile=8)
 
 
+def test_two_writers_on_one_folder(module_predictor, scene_tif, tmp_path):
+    import fcntl
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    with open(folder / ".encode.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process encoding into it
+        with pytest.raises(ConfigError, match="another `rsrefseg encode` is writing this folder"):
+            encode_scene(module_predictor, scene_tif, folder, tile=TILE, overlap=OVERLAP)
+    assert not (folder / "index.json").exists()
+
+
 def test_changed_or_missing_scene(module_predictor, encoded, scene_tif, tmp_path):
     scene = Path(shutil.copy(scene_tif, tmp_path / "scene.tif"))
     folder = encode_scene(module_predictor, scene, tmp_path / "f", tile=256, overlap=0).folder
@@ -348,12 +360,15 @@ def test_missing_and_corrupt_files(module_predictor, encoded, tmp_path):
     start = 8 + int.from_bytes(data[:8], "little")  # the first tensor's data (float32)
     window.write_bytes(data[:start] + b"\0\0\xc0\x7f" + data[start + 4 :])  # its first value -> NaN
     fs = open_features(folder, module_predictor)
+    box = TileBox(*fs.index["windows"][5][:4])
     with pytest.raises(DataError, match="NaN") as exc:
-        predict_from_features(module_predictor, fs, TEXTS)
+        fs.cache.get(box)
     one_line(exc, window)
     shutil.copy(folder / "windows" / "w000004.safetensors", window)  # another window's file
     with pytest.raises(DataError, match="holds window"):
-        predict_from_features(module_predictor, folder, TEXTS)
+        fs.cache.get(box)
+    with pytest.raises(DataError, match="holds window"):  # and through predict_scene
+        predict_from_features(module_predictor, fs, TEXTS[:1])
     window.write_bytes(data)
     (folder / "preview.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot read the preview") as exc:
