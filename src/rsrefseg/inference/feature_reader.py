@@ -179,7 +179,8 @@ def open_features(
     Args:
         folder: The feature folder (with ``index.json``).
         predictor: The predictor that will decode; its model must be the one that encoded.
-        checkpoint: Also require the checkpoint files to be those recorded (SHA-256).
+        checkpoint: Also require the checkpoint files to be those recorded (SHA-256), when the
+            folder recorded them (``encode_scene(checkpoint=...)``, always by ``rsrefseg encode``).
         bands, tile, overlap: When given, require these settings (``None``: take the folder's).
         max_pixels: Refuse scenes with more pixels (``None``: no limit).
         check_scene: Refuse the folder when the scene file still exists but changed (size or mtime).
@@ -195,12 +196,10 @@ def open_features(
     if index["key"] != ff.settings_key(fi.key_settings(index)):
         raise DataError(f"{path / ff.INDEX_NAME}: corrupt index (its key does not match its settings)")
     _check_model(path, index["model"]["fingerprint"], predictor)
-    if checkpoint is not None:
-        recorded = index["checkpoint"]
-        mine = ff.checkpoint_fingerprint(checkpoint)
-        if recorded is None or recorded["sha256"] != mine:
-            made = "an unrecorded checkpoint" if recorded is None else f"checkpoint {recorded['path']}"
-            raise ConfigError(f"{path}: features were made with {made}, not {checkpoint} (SHA-256 differs)")
+    recorded = index["checkpoint"]
+    if checkpoint is not None and recorded is not None and recorded["sha256"] != ff.checkpoint_fingerprint(checkpoint):
+        raise ConfigError(f"{path}: features were made with checkpoint {recorded['path']}, not {checkpoint} "
+                          "(SHA-256 of config.json + model.safetensors differs); encode the scene again")
     layout = (index["tiling"]["tile"], index["tiling"]["overlap"])
     if (tile is not None and tile != layout[0]) or (overlap is not None and overlap != layout[1]):
         raise ConfigError(f"{path}: features were encoded with tile {layout[0]} and overlap {layout[1]}, not "
