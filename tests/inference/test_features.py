@@ -319,8 +319,11 @@ def test_encode_into_a_folder_of_other_settings(module_predictor, encoded, scene
     assert result.encoded == 1 and len(list((folder / "windows").iterdir())) == 1
     with pytest.raises(ConfigError, match="unknown feature dtype"):
         encode_scene(module_predictor, scene_tif, folder, dtype="int8")
-    with pytest.raises(ConfigError, match="tile must be"):
-        encode_scene(module_predictor, scene_tif, folder, tile=8)
+    for tile in (8, 9000):
+        with pytest.raises(ConfigError, match="tile must be"):
+            encode_scene(module_predictor, scene_tif, folder, tile=tile)
+    with pytest.raises(ConfigError, match="preview side must be"):
+        encode_scene(module_predictor, scene_tif, folder, preview_max_side=5000)
 
 
 def test_two_writers_on_one_folder(module_predictor, scene_tif, tmp_path):
@@ -394,6 +397,26 @@ def test_missing_and_corrupt_files(module_predictor, encoded, tmp_path):
         open_features(tmp_path, module_predictor)
 
 
+def test_unreachable_scene_path_is_ignored(module_predictor, encoded, tmp_path):
+    """A (hand-made, key recomputed) index whose scene path cannot even be stat'ed: features still open."""
+    from rsrefseg.inference import feature_index as fi
+
+    folder = copy(encoded, tmp_path)
+    index = json.loads((folder / "index.json").read_text())
+    index["scene"]["path"] = "/" + "x" * 300 + "/scene.tif"  # ENAMETOOLONG
+    index["key"] = ff.settings_key(fi.key_settings(index))
+    (folder / "index.json").write_text(json.dumps(index))
+    for name in (p.name for p in (folder / "windows").iterdir()):  # the windows carry the key too
+        sam, clip, valid = ff.read_window(folder / "windows" / name, ff.expected_window(
+            ff.model_shapes(module_predictor.model), "float32", tuple(index["windows"][int(name[1:7])][:4])),
+            json.loads((encoded / "index.json").read_text())["key"], tuple(index["windows"][int(name[1:7])][:4]))
+        ff.write_window(folder / "windows" / name, sam, clip, valid, "float32", index["key"],
+                        tuple(index["windows"][int(name[1:7])][:4]))
+    fs = open_features(folder, module_predictor)
+    assert fs.source.path.name == "scene.tif"
+    assert predict_from_features(module_predictor, fs, TEXTS[:1]).cached_tiles == 4
+
+
 def test_scene_size_limit(module_predictor, encoded):
     with pytest.raises(DataError, match="above the limit of 1000 pixels"):
         open_features(encoded, module_predictor, max_pixels=1000)
@@ -429,7 +452,7 @@ def test_encode_cli(module_predictor, scene_tif, tiny_checkpoint, tmp_path, caps
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--tile", "8"], "--tile must be >= 16"), (["--overlap", "300", "--tile", "256"], "--overlap must be"),
-     (["--checkpoint", "/nonexistent"], "nonexistent")],
+     (["--preview-max-side", "5000"], "--preview-max-side must be"), (["--checkpoint", "/nonexistent"], "nonexistent")],
 )
 def test_encode_cli_argument_errors(scene_tif, tiny_checkpoint, tmp_path, capsys, extra, message):
     argv = ["encode", str(scene_tif), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), "--quiet", *extra]

@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tile must be >= 16 pixels, got {args.tile}")
     if args.overlap is not None and not 0 <= args.overlap < (args.tile or 1 << 30):
         raise ConfigError(f"--overlap must be in [0, tile), got {args.overlap}")
-    if args.preview_max_side < 16:
-        raise ConfigError(f"--preview-max-side must be >= 16, got {args.preview_max_side}")
+    if not 16 <= args.preview_max_side <= 4096:
+        raise ConfigError(f"--preview-max-side must be in [16, 4096], got {args.preview_max_side}")
     from rsrefseg.cli.predict_cli import expand_inputs
 
     inputs = expand_inputs(args.scenes)

@@ -48,8 +48,12 @@ WINDOWS_DIR = "windows"
 MAX_INDEX_BYTES = 64 * 2**20
 #: Largest safetensors header of a window file (bytes); a real one has about 400.
 MAX_HEADER_BYTES = 64 * 2**10
-#: Largest window side accepted from an index (pixels).
-MAX_TILE = 16384
+#: Largest window side (pixels): decoding holds ``4 * tile**2`` bytes of logits per expression of a batch.
+MAX_TILE = 8192
+#: Largest side of the stored preview (pixels; 4096 x 4096 RGBA is 64 MB decoded).
+MAX_PREVIEW_SIDE = 4096
+#: Longest scene path recorded in an index (characters).
+MAX_PATH_CHARS = 4096
 #: Most windows accepted from an index.
 MAX_WINDOWS = 1_000_000
 #: Feature dtypes on disk: name -> (safetensors dtype, torch dtype).

@@ -18,6 +18,8 @@ from rsrefseg.inference.feature_files import (
     FORMAT,
     INDEX_NAME,
     MAX_INDEX_BYTES,
+    MAX_PATH_CHARS,
+    MAX_PREVIEW_SIDE,
     MAX_TILE,
     MAX_WINDOWS,
     count_windows,
@@ -111,7 +113,8 @@ def check_index(folder: Path, index: dict[str, Any], max_pixels: int | None) -> 
                         "with the same arguments to finish it")
     field(index, "key", str, where)
     height, width = field(index, "scene.height", int, where), field(index, "scene.width", int, where)
-    field(index, "scene.path", str, where)
+    if not 0 < len(field(index, "scene.path", str, where)) <= MAX_PATH_CHARS or "\0" in index["scene"]["path"]:
+        raise DataError(f"{where}: corrupt index (scene.path empty, longer than {MAX_PATH_CHARS} characters or with NUL)")
     field(index, "scene.file_size", int, where, optional=True)
     field(index, "scene.file_mtime_ns", int, where, optional=True)
     if height < 1 or width < 1:
@@ -141,7 +144,7 @@ def check_index(folder: Path, index: dict[str, Any], max_pixels: int | None) -> 
             int_list(index[name], None, where, name, low=1)
     field(index, "stretch", dict, where, optional=True)
     for name in ("preview.height", "preview.width"):
-        if not 1 <= field(index, name, int, where) <= MAX_TILE:
+        if not 1 <= field(index, name, int, where) <= MAX_PREVIEW_SIDE:
             raise DataError(f"{where}: corrupt index ({name} out of range)")
     return index, _georef(where, index)
 

@@ -212,8 +212,11 @@ def open_features(
                           f"{list(bands)}; encode again with --bands {','.join(map(str, bands))}")
     scene = index["scene"]
     scene_path = Path(scene["path"])
-    if check_scene and scene["file_size"] is not None and scene_path.is_file():
-        stat = scene_path.stat()
+    try:
+        stat = scene_path.stat() if check_scene and scene["file_size"] is not None else None
+    except OSError:  # the scene is not there (or not reachable): the features do not need it
+        stat = None
+    if stat is not None and scene_path.is_file():
         if (stat.st_size, stat.st_mtime_ns) != (scene["file_size"], scene["file_mtime_ns"]):
             raise DataError(f"{scene_path}: the scene changed since {path} was encoded (size or modification "
                             "time differ); encode it again")

@@ -215,6 +215,8 @@ def encode_scene(
     overlap = int(tile // 8 if overlap is None else overlap)
     if not 16 <= tile <= ff.MAX_TILE:
         raise ConfigError(f"tile must be in [16, {ff.MAX_TILE}] pixels, got {tile}")
+    if not 16 <= preview_max_side <= ff.MAX_PREVIEW_SIDE:
+        raise ConfigError(f"preview side must be in [16, {ff.MAX_PREVIEW_SIDE}] pixels, got {preview_max_side}")
     boxes = tile_grid(source.height, source.width, tile, overlap)
     model = predictor.model
     from rsrefseg import __version__
