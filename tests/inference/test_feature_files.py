@@ -227,3 +227,18 @@ def test_cli_dtype_names_match_the_library() -> None:
     from rsrefseg.cli.encode_cli import DTYPE_NAMES
 
     assert DTYPE_NAMES == tuple(ff.FEATURE_DTYPES)
+
+
+def test_full_disk_while_writing_a_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import safetensors.torch
+
+    def no_space(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    with pytest.raises(DataError, match="cannot write the window file \\(No space left on device\\)"):
+        _write(tmp_path / "w.safetensors")
+    assert not list(tmp_path.iterdir())  # neither the window nor the temporary file

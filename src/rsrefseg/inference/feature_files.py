@@ -188,7 +188,8 @@ def write_window(path: Path, sam: torch.Tensor, clip: torch.Tensor, valid: np.nd
     """Write one window file atomically (temporary file, then rename); returns its size in bytes.
 
     Raises:
-        DataError: a feature value is not finite in ``dtype`` (float16 overflows above 65504).
+        DataError: a feature value is not finite in ``dtype`` (float16 overflows above 65504), or
+            the file cannot be written.
     """
     from safetensors.torch import save_file
 
@@ -202,9 +203,12 @@ def write_window(path: Path, sam: torch.Tensor, clip: torch.Tensor, valid: np.nd
     # The memory layout the encoder produced, restored on reading: decoding features of another
     # layout gives logits a few ulp apart, and feature files must decode exactly as in memory.
     layouts = {f"{name}_layout": _layout(t) for name, t in (("sam", sam), ("clip", clip))}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "key": key, "box": _box_text(box), **layouts})
-    return path.stat().st_size
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "key": key, "box": _box_text(box), **layouts})
+        return path.stat().st_size
+    except OSError as exc:  # full disk, permissions: nothing half-written is left
+        raise DataError(f"{path}: cannot write the window file ({exc.strerror or exc})") from None
 
 
 def expected_window(shapes: dict[str, tuple[int, ...]], dtype: str,

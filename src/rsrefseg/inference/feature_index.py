@@ -42,7 +42,10 @@ def key_settings(index: dict[str, Any]) -> dict[str, Any]:
 
 def write_index(folder: Path, index: dict[str, Any]) -> None:
     """Write ``index.json`` atomically."""
-    atomic_write_json(folder / INDEX_NAME, index)
+    try:
+        atomic_write_json(folder / INDEX_NAME, index)
+    except OSError as exc:
+        raise DataError(f"{folder / INDEX_NAME}: cannot write the index ({exc.strerror or exc})") from None
 
 
 def read_index_json(folder: Path) -> dict[str, Any]:

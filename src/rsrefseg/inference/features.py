@@ -295,7 +295,7 @@ def encode_scene(
         files = [folder / ff.WINDOWS_DIR / ff.window_name(i) for i, s in enumerate(states) if s]
         total = sum(p.stat().st_size for p in files) + (folder / ff.PREVIEW_NAME).stat().st_size
         index["windows"] = [[*box, states[i]] for i, box in enumerate(boxes)]
-        index["stats"] = {"window_files": len(files), "empty_windows": states.count(0), "window_bytes": total,
+        index["stats"] = {"window_files": len(files), "empty_windows": states.count(0), "bytes": total,
                           "megapixels": source.height * source.width / 1e6}
         index["complete"] = True
         fi.write_index(folder, index)
@@ -345,7 +345,7 @@ def recast_features(predictor: Predictor, folder: str | os.PathLike[str], out_di
                 size += ff.write_window(out / ff.WINDOWS_DIR / ff.window_name(number), sam, clip, valid, dtype,
                                         index["key"], box)
         shutil.copyfile(fs.folder / ff.PREVIEW_NAME, out / ff.PREVIEW_NAME)
-        index["stats"] = {**(fs.index.get("stats") or {}), "window_bytes": size + (out / ff.PREVIEW_NAME).stat().st_size}
+        index["stats"] = {**(fs.index.get("stats") or {}), "bytes": size + (out / ff.PREVIEW_NAME).stat().st_size}
         index["complete"] = True
         fi.write_index(out, index)
     return out
