@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "rsrefseg.cli.train_cli",
     "rsrefseg.cli.eval_cli",
     "rsrefseg.cli.predict_cli",
+    "rsrefseg.cli.encode_cli",
     "rsrefseg.cli.serve_cli",
     "rsrefseg.cli.bench_cli",
 ]
