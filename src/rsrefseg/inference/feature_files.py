@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rsrefseg.errors import DataError, WeightsError
+from rsrefseg.errors import DataError, OutputError, WeightsError
 from rsrefseg.utils import atomic_path
 
 #: Format name written into ``index.json`` and every window file.
@@ -208,7 +208,9 @@ def write_window(path: Path, sam: torch.Tensor, clip: torch.Tensor, valid: np.nd
             save_file(tensors, str(tmp), metadata={"format": FORMAT, "key": key, "box": _box_text(box), **layouts})
         return path.stat().st_size
     except OSError as exc:  # full disk, permissions: nothing half-written is left
-        raise DataError(f"{path}: cannot write the window file ({exc.strerror or exc})") from None
+        # atomic_path wraps the OS error in an OutputError; name the underlying reason once.
+        cause = exc.__cause__ if isinstance(exc, OutputError) and isinstance(exc.__cause__, OSError) else exc
+        raise DataError(f"{path}: cannot write the window file ({cause.strerror or cause})") from None
 
 
 def expected_window(shapes: dict[str, tuple[int, ...]], dtype: str,
