@@ -249,6 +249,10 @@ def mask_to_polygons(
         if not geom.is_valid:
             geom = shapely.make_valid(geom)
         for poly in _explode_polygons(geom):
+            # canonical ring start and orientation: the simplification below then does not depend
+            # on where GDAL started a ring (streamed scenes give the same polygons, see
+            # rsrefseg.inference.raster_polygons)
+            poly = shapely.normalize(poly)
             if poly.area < min_area:
                 continue
             if simplify_tolerance > 0:
@@ -324,6 +328,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _json_default(value: Any) -> Any:
+    """``json.dumps`` fallback for numpy values inside geometries."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def polygons_to_feature_collection(
     polygons: Sequence[BaseGeometry],
     crs: CRS | None,
@@ -348,7 +361,8 @@ def polygons_to_feature_collection(
         props["area_crs_units"] = float(geom.area)
         props["area_m2"] = area_m2(geom, crs)
         features.append(
-            {"type": "Feature", "id": index, "geometry": _jsonable(mapping(geom)), "properties": props}
+            # mapping() gives tuples of Python floats, which json writes as they are
+            {"type": "Feature", "id": index, "geometry": mapping(geom), "properties": props}
         )
     collection: dict[str, Any] = {"type": "FeatureCollection"}
     member = geojson_crs_member(crs)
@@ -369,7 +383,12 @@ def write_geojson(path: str | os.PathLike[str], feature_collection: Mapping[str,
     if feature_collection.get("type") != "FeatureCollection":
         raise ValueError("feature_collection must be a GeoJSON FeatureCollection")
     target = Path(path)
-    text = json.dumps(_jsonable(dict(feature_collection)), allow_nan=False) + "\n"
+    # Members and properties are made JSON-safe (numpy scalars, paths, NaN -> null); geometries are
+    # left to json.dumps (numpy values through `default`), which is linear in the coordinates.
+    collection = {k: _jsonable(v) for k, v in feature_collection.items() if k != "features"}
+    collection["features"] = [{**{k: _jsonable(v) for k, v in f.items() if k != "geometry"},
+                               "geometry": f.get("geometry")} for f in feature_collection.get("features", [])]
+    text = json.dumps(collection, allow_nan=False, default=_json_default) + "\n"
     try:
         atomic_write_text(target, text)
     except OSError as exc:

@@ -14,13 +14,16 @@ lower-case ASCII slug of the expression. Overlays of images larger than ``overla
 downscaled previews (the mask is reduced with "any" pooling, so thin objects stay visible); mask
 PNG/GeoTIFF/GeoJSON are always at full resolution. Every file is written atomically.
 
-Polygon options are in **pixels**, whatever the CRS: ``simplify`` is a Douglas-Peucker tolerance of
-``simplify`` pixel sides and ``min_area`` drops polygons smaller than ``min_area`` pixels.
+Polygon options are in **CRS units** (georeferenced images are the only ones with polygons):
+``simplify`` is a Douglas-Peucker tolerance in CRS units and ``min_area`` drops polygons smaller than
+``min_area`` CRS units squared (m and m² for metric projections, degrees for EPSG:4326).
+
+Tiled scenes are written window by window instead (:mod:`rsrefseg.inference.scene_writer`: the
+same files, except the mask PNG of scenes above ``MASK_PNG_MAX_PIXELS``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import resource
@@ -188,13 +191,7 @@ def _geo_outputs(
     """Write ``<base>.mask.tif`` and ``<base>.geojson``; return their summary fields."""
     tags = {"expression": prediction.expression, "score": f"{prediction.score:.6f}", "source": source}
     write_mask_geotiff(f"{base}.mask.tif", prediction.mask, georef, tags=tags)
-    pixel_area = abs(georef.transform.determinant)  # CRS units² of one pixel
-    polygons = mask_to_polygons(
-        prediction.mask,
-        georef.transform,
-        simplify_tolerance=simplify * math.sqrt(pixel_area),
-        min_area=min_area * pixel_area,
-    )
+    polygons = mask_to_polygons(prediction.mask, georef.transform, simplify_tolerance=simplify, min_area=min_area)
     properties = {"expression": prediction.expression, "score": prediction.score, "source": source}
     collection = polygons_to_feature_collection(polygons, georef.crs, properties)
     write_geojson(f"{base}.geojson", collection)
@@ -228,7 +225,7 @@ def write_prediction_outputs(
         preview: ``h x w x 3`` uint8 RGB for the overlay (the image, or a downscaled preview).
         source: Source file, recorded in the GeoTIFF tags and GeoJSON properties.
         georef: Georeferencing; ``None`` writes no GeoTIFF/GeoJSON.
-        simplify, min_area: Polygon options in pixels.
+        simplify, min_area: Polygon options in CRS units and CRS units squared.
 
     Returns:
         The summary record: file names (relative to ``folder``), score, mask pixels, polygons.

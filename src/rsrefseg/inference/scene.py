@@ -70,6 +70,7 @@ __all__ = [
     "SceneSource",
     "open_scene",
     "predict_scene",
+    "preview_shape",
     "scene_tiling",
 ]
 
@@ -107,7 +108,8 @@ class SceneSource:
         self.close()
 
 
-def _preview_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
+def preview_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """``(h', w')`` of the preview of an ``H x W`` scene whose longest side is at most ``max_side``."""
     scale = min(1.0, max_side / max(height, width))
     return max(1, round(height * scale)), max(1, round(width * scale))
 
@@ -127,7 +129,7 @@ class ArraySource(SceneSource):
         return self.image.rgb[box.slices], self.image.valid[box.slices]
 
     def preview(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
-        h, w = _preview_shape(self.height, self.width, max_side)
+        h, w = preview_shape(self.height, self.width, max_side)
         # Nearest sampling of the pixel centres of the h x w preview grid.
         rows = ((np.arange(h) + 0.5) * self.height / h).astype(int)
         cols = ((np.arange(w) + 0.5) * self.width / w).astype(int)
@@ -231,7 +233,7 @@ class RasterioSource(SceneSource):
         return self._to_rgb(data, valid), valid
 
     def preview(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
-        h, w = _preview_shape(self.height, self.width, max_side)
+        h, w = preview_shape(self.height, self.width, max_side)
         data, valid = self._read(out_shape=(len(self._unique), h, w))
         return self._to_rgb(data, valid), valid
 

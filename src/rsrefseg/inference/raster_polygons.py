@@ -1,0 +1,131 @@
+"""Polygons of a mask that arrives piece by piece (a streamed scene), equal to one polygonize of the whole.
+
+:func:`rsrefseg.inference.geo.mask_to_polygons` needs the ``H x W`` mask in memory.
+:class:`SeamPolygonizer` takes the mask as regions that tile the scene without overlap (the final
+regions of :mod:`rsrefseg.inference.stitching`, or windows read back from a GeoTIFF):
+
+1. each region is polygonized on its own (GDAL polygonize, 4-connectivity, pixel coordinates, so
+   every vertex is an integer and every comparison below is exact);
+2. a polygon that does not reach an inner edge of its region (an edge shared with another region)
+   is final;
+3. the others are merged at the end, one ``unary_union`` per group of touching pieces: pieces
+   sharing an edge segment on a seam become one polygon, pieces touching only at a corner stay
+   apart (4-connectivity, like a polygonize of the whole mask), and collinear vertices left on
+   former seams are removed.
+
+The result has the same polygons as a polygonize of the whole mask (same count, same areas, same
+pixel-exact rings); :func:`finish_polygons` then maps them to the CRS and applies ``min_area`` and
+``simplify`` like :func:`~rsrefseg.inference.geo.mask_to_polygons`. Memory: the polygons themselves
+(the output) and one region's mask, not the scene.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import rasterio.features
+import shapely
+from affine import Affine
+from shapely.geometry import Polygon, shape
+from shapely.geometry.base import BaseGeometry
+
+from rsrefseg.inference.tiling import TileBox
+
+__all__ = ["SeamPolygonizer", "finish_polygons"]
+
+
+def _polygons_of(geom: BaseGeometry) -> list[Polygon]:
+    """The non-empty polygons inside ``geom`` (Polygon, MultiPolygon or GeometryCollection)."""
+    if geom.is_empty:
+        return []
+    if isinstance(geom, Polygon):
+        return [geom]
+    if hasattr(geom, "geoms"):
+        return [p for part in geom.geoms for p in _polygons_of(part)]
+    return []
+
+
+class SeamPolygonizer:
+    """Collect the polygons of an ``H x W`` mask given region by region (see the module docstring).
+
+    Args:
+        height, width: The scene size ``H x W``.
+    """
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height, self.width = height, width
+        self._final: list[Polygon] = []
+        self._open: list[Polygon] = []
+
+    def add(self, box: TileBox, mask: np.ndarray) -> None:
+        """Polygonize one region's ``h x w`` bool mask (regions must not overlap)."""
+        if not mask.any():
+            return
+        inner = (box.x0 > 0, box.x1 < self.width, box.y0 > 0, box.y1 < self.height)  # left, right, top, bottom
+        shapes = rasterio.features.shapes(mask.astype(np.uint8), mask=mask, connectivity=4,
+                                          transform=Affine.translation(box.x0, box.y0))
+        for geojson, _value in shapes:
+            geom = shape(geojson)
+            for polygon in _polygons_of(geom if geom.is_valid else shapely.make_valid(geom)):
+                x0, y0, x1, y1 = polygon.bounds
+                on_seam = ((inner[0] and x0 == box.x0) or (inner[1] and x1 == box.x1)
+                           or (inner[2] and y0 == box.y0) or (inner[3] and y1 == box.y1))
+                (self._open if on_seam else self._final).append(polygon)
+
+    def polygons(self) -> list[Polygon]:
+        """Every polygon in pixel coordinates (pieces across seams merged), in no particular order."""
+        merged: list[Polygon] = []
+        for group in _touching_groups(self._open):
+            if len(group) == 1:
+                merged.append(group[0])
+                continue
+            # unary_union keeps the vertices of former seams on straight edges; a zero tolerance drops them
+            union = shapely.simplify(shapely.unary_union(group), 0.0, preserve_topology=True)
+            merged.extend(_polygons_of(union))
+        return self._final + merged
+
+
+def _touching_groups(polygons: list[Polygon]) -> list[list[Polygon]]:
+    """``polygons`` grouped into sets connected by contact (an edge or a corner): only such pieces
+    can merge, so each group is unioned on its own (much faster than one union of everything)."""
+    if not polygons:
+        return []
+    parent = list(range(len(polygons)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    left, right = shapely.STRtree(polygons).query(polygons, predicate="intersects")  # 2 x k index pairs
+    for a, b in zip(left.tolist(), right.tolist(), strict=True):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[ra] = rb
+    groups: dict[int, list[Polygon]] = {}
+    for i, polygon in enumerate(polygons):
+        groups.setdefault(root(i), []).append(polygon)
+    return list(groups.values())
+
+
+def finish_polygons(polygons: list[Polygon], transform: Affine, simplify_tolerance: float = 0.0,
+                    min_area: float = 0.0) -> list[Polygon]:
+    """Pixel-coordinate polygons -> CRS polygons, as :func:`~rsrefseg.inference.geo.mask_to_polygons`
+    does: ``min_area`` (CRS units squared) on the exact polygon, then Douglas-Peucker simplification
+    with ``simplify_tolerance`` (CRS units, topology preserved); largest area first."""
+    if simplify_tolerance < 0 or min_area < 0:
+        raise ValueError("simplify_tolerance and min_area must be >= 0")
+    matrix = [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f]
+    out: list[Polygon] = []
+    for polygon in polygons:
+        # canonical ring start and orientation, so that simplification does not depend on where
+        # a ring happened to start (the whole-mask path normalises the same way)
+        crs_polygon = shapely.normalize(shapely.affinity.affine_transform(polygon, matrix))
+        if crs_polygon.area < min_area:
+            continue
+        if simplify_tolerance > 0:
+            out.extend(_polygons_of(crs_polygon.simplify(simplify_tolerance, preserve_topology=True)))
+        else:
+            out.append(crs_polygon)
+    out.sort(key=lambda p: p.area, reverse=True)
+    return out

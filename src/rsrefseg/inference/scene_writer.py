@@ -1,0 +1,257 @@
+"""Outputs of a tiled scene written window by window: memory bounded by the tile, not by the scene.
+
+:func:`write_scene_outputs` runs the tile loop of :mod:`rsrefseg.inference.scene_stream` and
+sends every final region straight to per-expression sinks:
+
+- ``<name>.mask.tif``: uint8 0/255 GeoTIFF (tiled, DEFLATE, BigTIFF when needed, sparse: regions
+  without any mask pixel are not written at all), band 2 ``probability`` =
+  ``round(255 * sigmoid(logit))`` with ``probability=True``; written into a temporary file that
+  replaces the target only once complete. Plain (non-georeferenced) scenes get a plain TIFF: it
+  is THE mask output of a large scene.
+- ``<name>.geojson`` (georeferenced scenes): polygons merged across region seams
+  (:class:`~rsrefseg.inference.raster_polygons.SeamPolygonizer`), equal to a polygonize of the
+  whole mask; ``simplify`` / ``min_area`` in CRS units / CRS units squared.
+- ``<name>.overlay.png`` / ``<name>.heatmap.png``: drawn on a downscaled preview
+  (:class:`~rsrefseg.inference.preview.PreviewPool`, longest side ``overlay_max_side``).
+- ``<name>.mask.png`` only for scenes up to :data:`~rsrefseg.inference.defaults.MASK_PNG_MAX_PIXELS`
+  pixels (read back from the GeoTIFF); larger scenes have only the GeoTIFF.
+
+Scores are exact (sums over the final pixels), equal to the in-memory
+:func:`~rsrefseg.inference.scene.predict_scene`. Expressions beyond the memory budget go in
+further passes over the scene (:func:`~rsrefseg.inference.limits.expressions_per_pass`); encoded
+windows are then reused through a :class:`~rsrefseg.inference.tiling.TileCache` as far as it holds.
+Each expression's files are written as soon as its pass ends (``on_record`` is called), and a
+failure or an interrupt removes every temporary file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from affine import Affine
+from rasterio.windows import Window
+
+from rsrefseg.errors import DataError
+from rsrefseg.inference.defaults import MASK_PNG_MAX_PIXELS, STREAM_MEMORY_BUDGET
+from rsrefseg.inference.geo import (
+    MASK_FOREGROUND,
+    GeoReference,
+    polygons_to_feature_collection,
+    write_geojson,
+)
+from rsrefseg.inference.limits import expressions_per_pass
+from rsrefseg.inference.outputs import write_heatmap_png, write_mask_png, write_overlay_png
+from rsrefseg.inference.predictor import Predictor, check_expressions
+from rsrefseg.inference.preview import PreviewPool
+from rsrefseg.inference.raster_polygons import SeamPolygonizer, finish_polygons
+from rsrefseg.inference.scene import SceneSource, preview_shape, scene_tiling
+from rsrefseg.inference.scene_stream import SceneRun, iter_scene_regions
+from rsrefseg.inference.tiling import TileBox, TileCache, tile_grid
+from rsrefseg.utils import atomic_path
+
+__all__ = ["SceneOutputOptions", "write_scene_outputs"]
+
+#: GeoTIFF block side of streamed masks.
+_BLOCK = 256
+
+
+@dataclass
+class SceneOutputOptions:
+    """What :func:`write_scene_outputs` writes and how."""
+
+    threshold: float = 0.0  # mask logit threshold (0 = probability 0.5)
+    heatmap: bool = False  # also write <name>.heatmap.png (stitched global activation, on the preview)
+    probability: bool = False  # second GeoTIFF band: round(255 * sigmoid(logit))
+    simplify: float = 0.0  # polygon simplification tolerance, CRS units
+    min_area: float = 0.0  # polygons smaller than this (CRS units squared) are dropped
+    overlay_max_side: int = 2048  # longest side of the overlay/heatmap previews
+    batch_size: int = 16  # expressions decoded together on a window
+    memory_budget: int = STREAM_MEMORY_BUDGET  # bytes for frontier + previews of one pass
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class _ExpressionSink:
+    """The files of one expression on a streamed scene, filled region by region."""
+
+    def __init__(self, folder: Path, name: str, expression: str, source: str, height: int, width: int,
+                 georef: GeoReference | None, options: SceneOutputOptions, preview_shape: tuple[int, int]) -> None:
+        self.folder, self.name, self.expression, self.source = folder, name, expression, source
+        self.height, self.width, self.georef, self.options = height, width, georef, options
+        self.target = folder / f"{name}.mask.tif"
+        self.pixels, self.probability_sum = 0, 0.0
+        self.pool = PreviewPool(height, width, *preview_shape, heat=options.heatmap)
+        self.polygons = SeamPolygonizer(height, width) if georef is not None else None
+        self._stack = contextlib.ExitStack()
+        try:
+            tmp = self._stack.enter_context(atomic_path(self.target))
+            profile: dict[str, Any] = {
+                "driver": "GTiff", "width": width, "height": height, "count": 2 if options.probability else 1,
+                "dtype": "uint8", "nodata": None, "compress": "deflate", "tiled": True, "blockxsize": _BLOCK,
+                "blockysize": _BLOCK, "photometric": "MINISBLACK", "bigtiff": "IF_SAFER", "sparse_ok": True,
+                "crs": None if georef is None else georef.crs,
+                "transform": Affine.identity() if georef is None else georef.transform,
+            }
+            self._ds = self._stack.enter_context(rasterio.open(tmp, "w", **profile))
+            self._ds.set_band_description(1, "mask")
+            if options.probability:
+                self._ds.set_band_description(2, "probability")
+        except OSError as exc:
+            self._stack.close()
+            raise DataError(f"{self.target}: cannot write GeoTIFF ({_one_line(exc)})") from None
+
+    def add(self, box: TileBox, logits: np.ndarray, heat: np.ndarray | None, valid: np.ndarray) -> None:
+        """One final region: ``h x w`` logits, optional heat logits, validity."""
+        logits_t = torch.from_numpy(np.ascontiguousarray(logits))  # h x w float32
+        mask = (logits_t > self.options.threshold).numpy() & valid
+        count = int(mask.sum())
+        probability = None
+        if self.options.probability:
+            probability = torch.sigmoid(logits_t).mul_(255.0).round_().to(torch.uint8).numpy()
+            probability[~valid] = 0
+        if count or (probability is not None and probability.any()):  # sparse file: empty regions stay unwritten
+            bands = [mask.astype(np.uint8) * MASK_FOREGROUND] + ([] if probability is None else [probability])
+            try:
+                self._ds.write(np.stack(bands), window=Window(box.x0, box.y0, box.width, box.height))
+            except OSError as exc:
+                raise DataError(f"{self.target}: cannot write GeoTIFF ({_one_line(exc)})") from None
+        if count:
+            inside = torch.sigmoid(logits_t[torch.from_numpy(mask)])  # count float32 values
+            self.probability_sum += float(inside.sum(dtype=torch.float64))
+            self.pixels += count
+        if self.polygons is not None:
+            self.polygons.add(box, mask)
+        heat_probability = None if heat is None else torch.sigmoid(torch.from_numpy(np.ascontiguousarray(heat))).numpy()
+        self.pool.add(box, mask, heat_probability)
+
+    @property
+    def score(self) -> float:
+        """Mean probability over the mask pixels (0.0 for an empty mask), as ``Prediction.score``."""
+        return self.probability_sum / self.pixels if self.pixels else 0.0
+
+    def finish(self, preview: np.ndarray, predicted_iou: float) -> dict[str, Any]:
+        """Close and publish the GeoTIFF, then write the vector and PNG files; return the record."""
+        score, base = self.score, self.folder / self.name
+        try:
+            self._ds.update_tags(expression=self.expression, score=f"{score:.6f}", source=self.source,
+                                 mask_foreground=str(MASK_FOREGROUND))
+            self._stack.close()  # closes the dataset, then moves it onto the target
+        except OSError as exc:
+            raise DataError(f"{self.target}: cannot write GeoTIFF ({_one_line(exc)})") from None
+        record: dict[str, Any] = {"expression": self.expression, "score": score, "predicted_iou": predicted_iou,
+                                  "mask_pixels": self.pixels}
+        if self.height * self.width <= MASK_PNG_MAX_PIXELS:
+            with rasterio.open(self.target) as ds:
+                write_mask_png(f"{base}.mask.png", ds.read(1) > 0)
+            record["mask_png"] = f"{self.name}.mask.png"
+        title = f'{self.name.split("_", 1)[0]}. "{self.expression}"  score {score:.2f}'
+        write_overlay_png(f"{base}.overlay.png", preview, self.pool.mask, title)
+        record["overlay_png"] = f"{self.name}.overlay.png"
+        if self.options.heatmap:
+            write_heatmap_png(f"{base}.heatmap.png", preview, self.pool.heat())
+            record["heatmap_png"] = f"{self.name}.heatmap.png"
+        record["mask_tif"] = self.target.name
+        if self.polygons is not None and self.georef is not None:
+            polygons = finish_polygons(self.polygons.polygons(), self.georef.transform, self.options.simplify,
+                                       self.options.min_area)
+            properties = {"expression": self.expression, "score": score, "source": self.source}
+            collection = polygons_to_feature_collection(polygons, self.georef.crs, properties)
+            write_geojson(f"{base}.geojson", collection)
+            areas = [f["properties"]["area_m2"] for f in collection["features"]]
+            record.update(geojson=f"{self.name}.geojson", polygons=len(polygons),
+                          area_m2=float(sum(areas)) if all(a is not None for a in areas) else None)
+        return record
+
+    def abort(self) -> None:
+        """Remove the temporary GeoTIFF (after a failure or an interrupt)."""
+        with contextlib.suppress(Exception):
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def write_scene_outputs(
+    predictor: Predictor,
+    source: SceneSource,
+    expressions: Sequence[str],
+    names: Sequence[str],
+    folder: str | Path,
+    options: SceneOutputOptions | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
+    progress: Callable[[Iterator[TileBox], int], Iterator[TileBox]] | None = None,
+    cache: TileCache | None = None,
+    on_record: Callable[[int, dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], SceneRun]:
+    """Segment ``expressions`` on a tiled scene and write their files into ``folder`` window by window.
+
+    Args:
+        predictor: The predictor.
+        source: The scene (:func:`~rsrefseg.inference.scene.open_scene`; a feature folder's source
+            with its ``cache`` works too).
+        expressions, names: Referring expressions and their ``<nn>_<slug>`` file stems.
+        folder: Output folder of the scene (created).
+        options: See :class:`SceneOutputOptions`.
+        tile, overlap: Tiling (default: model input ``S`` and ``tile // 8``).
+        progress: Optional wrapper of each pass's window iterator.
+        cache: Encoded windows of this scene (reused across passes and calls).
+        on_record: Called with ``(expression index, record)`` as soon as an expression's files exist.
+
+    Returns:
+        One record per expression (file names relative to ``folder``, score, pixels, polygons) and
+        the counters of the last pass.
+    """
+    options = options or SceneOutputOptions()
+    texts = check_expressions(expressions)
+    if len(names) != len(texts):
+        raise ValueError(f"{len(names)} names for {len(texts)} expressions")
+    tile, overlap = scene_tiling(predictor, tile, overlap)
+    tile_grid(source.height, source.width, tile, overlap)  # validates the tiling
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    preview, _ = source.preview(options.overlay_max_side)
+    shape = preview_shape(source.height, source.width, options.overlay_max_side)
+    group = expressions_per_pass(source.height, source.width, tile, overlap, options.heatmap,
+                                 shape[0] * shape[1], options.memory_budget)
+    if cache is None and group < len(texts):
+        cache = TileCache(options.memory_budget // 2)  # encoded windows shared by the passes, as far as they fit
+    source_name = str(source.path)
+    records: list[dict[str, Any]] = []
+    run = SceneRun(tile, overlap)
+    with rasterio.Env(GDAL_PAM_ENABLED="NO"):
+        for start, chunk in _chunks(texts, group):
+            run = SceneRun(tile, overlap)
+            sinks: list[_ExpressionSink] = []
+            try:
+                for k, text in enumerate(chunk):
+                    sinks.append(_ExpressionSink(out, names[start + k], text, source_name, source.height,
+                                                 source.width, source.georef, options, shape))
+                n = len(chunk)
+                for region in iter_scene_regions(predictor, source, chunk, run, options.batch_size,
+                                                 options.threshold, options.heatmap, progress, cache):
+                    for k, sink in enumerate(sinks):
+                        heat = region.values[n + k] if options.heatmap else None
+                        sink.add(region.box, region.values[k], heat, region.valid)
+                for k, sink in enumerate(sinks):
+                    records.append({"index": start + k + 1, "name": names[start + k],
+                                    **sink.finish(preview, run.predicted_iou(k))})
+                    if on_record is not None:
+                        on_record(start + k, records[-1])
+            except BaseException:
+                for sink in sinks:
+                    sink.abort()
+                raise
+    return records, run
