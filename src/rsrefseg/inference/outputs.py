@@ -4,7 +4,8 @@ Layout under the output folder ``OUT``::
 
     OUT/<image-dir>/<nn>_<slug>.mask.png      H x W, 0 / 255 (every image)
     OUT/<image-dir>/<nn>_<slug>.overlay.png   image + tinted mask + outline + expression as title
-    OUT/<image-dir>/<nn>_<slug>.mask.tif      uint8 0/255 GeoTIFF, source CRS and transform (geo only)
+    OUT/<image-dir>/<nn>_<slug>.mask.tif      uint8 0/255 Cloud Optimized GeoTIFF, source CRS and
+                                              transform, optional band 2 "probability" (geo only)
     OUT/<image-dir>/<nn>_<slug>.geojson       polygons in the source CRS (geo only)
     OUT/summary.json                          everything written, and the failures
 
@@ -41,7 +42,6 @@ from rsrefseg.inference.geo import (
     mask_to_polygons,
     polygons_to_feature_collection,
     write_geojson,
-    write_mask_geotiff,
 )
 from rsrefseg.inference.predictor import Prediction
 from rsrefseg.utils import atomic_save, atomic_write_json
@@ -53,6 +53,7 @@ __all__ = [
     "overlay_image",
     "peak_rss_mb",
     "slugify",
+    "unique_names",
     "write_mask_png",
     "write_overlay_png",
     "write_prediction_outputs",
@@ -78,13 +79,21 @@ def expression_names(expressions: Sequence[str]) -> list[str]:
 
 def image_dir_names(paths: Sequence[Path]) -> list[str]:
     """Output folder name of each input: its stem, made unique in input order (``x``, ``x-2``...)."""
-    seen: dict[str, int] = {}
-    names = []
-    for path in paths:
-        stem = path.stem or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return names
+    return unique_names([path.stem for path in paths])
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """``names`` made unique in order by suffixes (``x``, ``x-2``, ``x-3``...; empty -> ``image``)."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        base, candidate, n = name or "image", name or "image", 1
+        while candidate.lower() in taken:  # case-insensitive: also unique on macOS/Windows disks
+            n += 1
+            candidate = f"{base}-{n}"
+        taken.add(candidate.lower())
+        out.append(candidate)
+    return out
 
 
 def write_mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> None:
@@ -187,11 +196,21 @@ def _geo_outputs(
     source: str,
     simplify: float,
     min_area: float,
+    probability: np.ndarray | None,
+    collect: list[Any] | None,
 ) -> dict[str, Any]:
-    """Write ``<base>.mask.tif`` and ``<base>.geojson``; return their summary fields."""
+    """Write ``<base>.mask.tif`` (Cloud Optimized GeoTIFF, optional probability band) and
+    ``<base>.geojson``; return their summary fields."""
+    from rsrefseg.inference.cog import COGMaskWriter
+
     tags = {"expression": prediction.expression, "score": f"{prediction.score:.6f}", "source": source}
-    write_mask_geotiff(f"{base}.mask.tif", prediction.mask, georef, tags=tags)
+    height, width = prediction.mask.shape
+    with COGMaskWriter(f"{base}.mask.tif", height, width, georef.crs, georef.transform,
+                       probability=probability is not None, tags=tags) as cog:
+        cog.write(0, 0, prediction.mask, probability)
     polygons = mask_to_polygons(prediction.mask, georef.transform, simplify_tolerance=simplify, min_area=min_area)
+    if collect is not None:
+        collect.extend(polygons)
     properties = {"expression": prediction.expression, "score": prediction.score, "source": source}
     collection = polygons_to_feature_collection(polygons, georef.crs, properties)
     write_geojson(f"{base}.geojson", collection)
@@ -214,6 +233,9 @@ def write_prediction_outputs(
     georef: GeoReference | None,
     simplify: float = 0.0,
     min_area: float = 0.0,
+    probability: bool = False,
+    valid: np.ndarray | None = None,
+    collect: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Write every file of one prediction into ``folder`` (see the module docstring).
 
@@ -226,6 +248,11 @@ def write_prediction_outputs(
         source: Source file, recorded in the GeoTIFF tags and GeoJSON properties.
         georef: Georeferencing; ``None`` writes no GeoTIFF/GeoJSON.
         simplify, min_area: Polygon options in CRS units and CRS units squared.
+        probability: Add the ``probability`` band (``round(255 * sigmoid(logit))``, 0 where
+            ``valid`` is False) to the mask GeoTIFF.
+        valid: ``H x W`` validity of the image (for the probability band).
+        collect: When given, the polygons (CRS units) are appended to it (for a vector file of
+            all expressions).
 
     Returns:
         The summary record: file names (relative to ``folder``), score, mask pixels, polygons.
@@ -247,7 +274,14 @@ def write_prediction_outputs(
         write_heatmap_png(f"{base}.heatmap.png", preview, prediction.heatmap)
         record["heatmap_png"] = f"{name}.heatmap.png"
     if georef is not None:
-        record.update(_geo_outputs(base, prediction, georef, source, simplify, min_area))
+        band = None
+        if probability:
+            from rsrefseg.inference.cog import probability_uint8
+
+            band = probability_uint8(prediction.logits)
+            if valid is not None:
+                band[~valid] = 0
+        record.update(_geo_outputs(base, prediction, georef, source, simplify, min_area, band, collect))
     return record
 
 

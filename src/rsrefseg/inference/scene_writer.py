@@ -3,11 +3,12 @@
 :func:`write_scene_outputs` runs the tile loop of :mod:`rsrefseg.inference.scene_stream` and
 sends every final region straight to per-expression sinks:
 
-- ``<name>.mask.tif``: uint8 0/255 GeoTIFF (tiled, DEFLATE, BigTIFF when needed, sparse: regions
-  without any mask pixel are not written at all), band 2 ``probability`` =
-  ``round(255 * sigmoid(logit))`` with ``probability=True``; written into a temporary file that
-  replaces the target only once complete. Plain (non-georeferenced) scenes get a plain TIFF: it
-  is THE mask output of a large scene.
+- ``<name>.mask.tif``: uint8 0/255 Cloud Optimized GeoTIFF
+  (:class:`~rsrefseg.inference.cog.COGMaskWriter`: tiled, DEFLATE, overviews, BigTIFF when needed;
+  regions without any mask pixel are not written at all), band 2 ``probability`` =
+  ``round(255 * sigmoid(logit))`` (0 on nodata) with ``probability=True``; it replaces the target
+  only once complete. Plain (non-georeferenced) scenes get a plain TIFF: it is THE mask output of
+  a large scene.
 - ``<name>.geojson`` (georeferenced scenes): polygons merged across region seams
   (:class:`~rsrefseg.inference.raster_polygons.SeamPolygonizer`), equal to a polygonize of the
   whole mask; ``simplify`` / ``min_area`` in CRS units / CRS units squared.
@@ -26,7 +27,6 @@ failure or an interrupt removes every temporary file.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +36,10 @@ import numpy as np
 import rasterio
 import torch
 from affine import Affine
-from rasterio.windows import Window
 
-from rsrefseg.errors import DataError
+from rsrefseg.inference.cog import COGMaskWriter, probability_uint8
 from rsrefseg.inference.defaults import MASK_PNG_MAX_PIXELS, STREAM_MEMORY_BUDGET
 from rsrefseg.inference.geo import (
-    MASK_FOREGROUND,
     GeoReference,
     polygons_to_feature_collection,
     write_geojson,
@@ -54,13 +52,8 @@ from rsrefseg.inference.raster_polygons import SeamPolygonizer, finish_polygons
 from rsrefseg.inference.scene import SceneSource, preview_shape, scene_tiling
 from rsrefseg.inference.scene_stream import SceneRun, iter_scene_regions
 from rsrefseg.inference.tiling import TileBox, TileCache, tile_grid
-from rsrefseg.utils import atomic_path
 
 __all__ = ["SceneOutputOptions", "write_scene_outputs"]
-
-#: GeoTIFF block side of streamed masks.
-_BLOCK = 256
-
 
 @dataclass
 class SceneOutputOptions:
@@ -76,9 +69,14 @@ class SceneOutputOptions:
     memory_budget: int = STREAM_MEMORY_BUDGET  # bytes for frontier + previews of one pass
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+class _TaggedCOG(COGMaskWriter):
+    """A :class:`COGMaskWriter` whose metadata can still change before :meth:`close` (the score of a
+    streamed mask is known only once its last window was written)."""
+
+    def update_tags(self, **tags: str) -> None:
+        """Set GDAL metadata of the file being written."""
+        with self._gdal():
+            self._dst.update_tags(**tags)
 
 
 class _ExpressionSink:
@@ -92,23 +90,9 @@ class _ExpressionSink:
         self.pixels, self.probability_sum = 0, 0.0
         self.pool = PreviewPool(height, width, *preview_shape, heat=options.heatmap)
         self.polygons = SeamPolygonizer(height, width) if georef is not None else None
-        self._stack = contextlib.ExitStack()
-        try:
-            tmp = self._stack.enter_context(atomic_path(self.target))
-            profile: dict[str, Any] = {
-                "driver": "GTiff", "width": width, "height": height, "count": 2 if options.probability else 1,
-                "dtype": "uint8", "nodata": None, "compress": "deflate", "tiled": True, "blockxsize": _BLOCK,
-                "blockysize": _BLOCK, "photometric": "MINISBLACK", "bigtiff": "IF_SAFER", "sparse_ok": True,
-                "crs": None if georef is None else georef.crs,
-                "transform": Affine.identity() if georef is None else georef.transform,
-            }
-            self._ds = self._stack.enter_context(rasterio.open(tmp, "w", **profile))
-            self._ds.set_band_description(1, "mask")
-            if options.probability:
-                self._ds.set_band_description(2, "probability")
-        except OSError as exc:
-            self._stack.close()
-            raise DataError(f"{self.target}: cannot write GeoTIFF ({_one_line(exc)})") from None
+        self.cog = _TaggedCOG(self.target, height, width, None if georef is None else georef.crs,
+                              Affine.identity() if georef is None else georef.transform,
+                              probability=options.probability, tags={"expression": expression, "source": source})
 
     def add(self, box: TileBox, logits: np.ndarray, heat: np.ndarray | None, valid: np.ndarray) -> None:
         """One final region: ``h x w`` logits, optional heat logits, validity."""
@@ -117,14 +101,10 @@ class _ExpressionSink:
         count = int(mask.sum())
         probability = None
         if self.options.probability:
-            probability = torch.sigmoid(logits_t).mul_(255.0).round_().to(torch.uint8).numpy()
+            probability = probability_uint8(logits)
             probability[~valid] = 0
-        if count or (probability is not None and probability.any()):  # sparse file: empty regions stay unwritten
-            bands = [mask.astype(np.uint8) * MASK_FOREGROUND] + ([] if probability is None else [probability])
-            try:
-                self._ds.write(np.stack(bands), window=Window(box.x0, box.y0, box.width, box.height))
-            except OSError as exc:
-                raise DataError(f"{self.target}: cannot write GeoTIFF ({_one_line(exc)})") from None
+        if count or (probability is not None and probability.any()):  # empty regions stay unwritten (read as 0)
+            self.cog.write(box.y0, box.x0, mask, probability)
         if count:
             inside = torch.sigmoid(logits_t[torch.from_numpy(mask)])  # count float32 values
             self.probability_sum += float(inside.sum(dtype=torch.float64))
@@ -139,15 +119,12 @@ class _ExpressionSink:
         """Mean probability over the mask pixels (0.0 for an empty mask), as ``Prediction.score``."""
         return self.probability_sum / self.pixels if self.pixels else 0.0
 
-    def finish(self, preview: np.ndarray, predicted_iou: float) -> dict[str, Any]:
-        """Close and publish the GeoTIFF, then write the vector and PNG files; return the record."""
+    def finish(self, preview: np.ndarray, predicted_iou: float, collect: list[Any] | None = None) -> dict[str, Any]:
+        """Close and publish the GeoTIFF, then write the PNG and GeoJSON files; return the record.
+        The polygons (CRS units, options applied) are appended to ``collect`` when given."""
         score, base = self.score, self.folder / self.name
-        try:
-            self._ds.update_tags(expression=self.expression, score=f"{score:.6f}", source=self.source,
-                                 mask_foreground=str(MASK_FOREGROUND))
-            self._stack.close()  # closes the dataset, then moves it onto the target
-        except OSError as exc:
-            raise DataError(f"{self.target}: cannot write GeoTIFF ({_one_line(exc)})") from None
+        self.cog.update_tags(score=f"{score:.6f}")
+        self.cog.close()  # overviews, COG layout, moved onto the target
         record: dict[str, Any] = {"expression": self.expression, "score": score, "predicted_iou": predicted_iou,
                                   "mask_pixels": self.pixels}
         if self.height * self.width <= MASK_PNG_MAX_PIXELS:
@@ -164,6 +141,8 @@ class _ExpressionSink:
         if self.polygons is not None and self.georef is not None:
             polygons = finish_polygons(self.polygons.polygons(), self.georef.transform, self.options.simplify,
                                        self.options.min_area)
+            if collect is not None:
+                collect.extend(polygons)
             properties = {"expression": self.expression, "score": score, "source": self.source}
             collection = polygons_to_feature_collection(polygons, self.georef.crs, properties)
             write_geojson(f"{base}.geojson", collection)
@@ -173,9 +152,8 @@ class _ExpressionSink:
         return record
 
     def abort(self) -> None:
-        """Remove the temporary GeoTIFF (after a failure or an interrupt)."""
-        with contextlib.suppress(Exception):
-            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        """Remove the temporary files (after a failure or an interrupt)."""
+        self.cog.abort()
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
@@ -194,7 +172,7 @@ def write_scene_outputs(
     overlap: int | None = None,
     progress: Callable[[Iterator[TileBox], int], Iterator[TileBox]] | None = None,
     cache: TileCache | None = None,
-    on_record: Callable[[int, dict[str, Any]], None] | None = None,
+    on_record: Callable[[int, dict[str, Any], list[Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], SceneRun]:
     """Segment ``expressions`` on a tiled scene and write their files into ``folder`` window by window.
 
@@ -208,7 +186,8 @@ def write_scene_outputs(
         tile, overlap: Tiling (default: model input ``S`` and ``tile // 8``).
         progress: Optional wrapper of each pass's window iterator.
         cache: Encoded windows of this scene (reused across passes and calls).
-        on_record: Called with ``(expression index, record)`` as soon as an expression's files exist.
+        on_record: Called with ``(expression index, record, polygons)`` as soon as an expression's
+            files exist (``polygons``: its polygons in CRS units, empty without georeference).
 
     Returns:
         One record per expression (file names relative to ``folder``, score, pixels, polygons) and
@@ -231,27 +210,27 @@ def write_scene_outputs(
     source_name = str(source.path)
     records: list[dict[str, Any]] = []
     run = SceneRun(tile, overlap)
-    with rasterio.Env(GDAL_PAM_ENABLED="NO"):
-        for start, chunk in _chunks(texts, group):
-            run = SceneRun(tile, overlap)
-            sinks: list[_ExpressionSink] = []
-            try:
-                for k, text in enumerate(chunk):
-                    sinks.append(_ExpressionSink(out, names[start + k], text, source_name, source.height,
-                                                 source.width, source.georef, options, shape))
-                n = len(chunk)
-                for region in iter_scene_regions(predictor, source, chunk, run, options.batch_size,
-                                                 options.threshold, options.heatmap, progress, cache):
-                    for k, sink in enumerate(sinks):
-                        heat = region.values[n + k] if options.heatmap else None
-                        sink.add(region.box, region.values[k], heat, region.valid)
+    for start, chunk in _chunks(texts, group):
+        run = SceneRun(tile, overlap)
+        sinks: list[_ExpressionSink] = []
+        try:
+            for k, text in enumerate(chunk):
+                sinks.append(_ExpressionSink(out, names[start + k], text, source_name, source.height,
+                                             source.width, source.georef, options, shape))
+            n = len(chunk)
+            for region in iter_scene_regions(predictor, source, chunk, run, options.batch_size,
+                                             options.threshold, options.heatmap, progress, cache):
                 for k, sink in enumerate(sinks):
-                    records.append({"index": start + k + 1, "name": names[start + k],
-                                    **sink.finish(preview, run.predicted_iou(k))})
-                    if on_record is not None:
-                        on_record(start + k, records[-1])
-            except BaseException:
-                for sink in sinks:
-                    sink.abort()
-                raise
+                    heat = region.values[n + k] if options.heatmap else None
+                    sink.add(region.box, region.values[k], heat, region.valid)
+            for k, sink in enumerate(sinks):
+                polygons: list[Any] = []
+                records.append({"index": start + k + 1, "name": names[start + k],
+                                **sink.finish(preview, run.predicted_iou(k), polygons)})
+                if on_record is not None:
+                    on_record(start + k, records[-1], polygons)
+        except BaseException:
+            for sink in sinks:
+                sink.abort()
+            raise
     return records, run
