@@ -54,21 +54,20 @@ def scene_output_bytes(height: int, width: int, expressions: int, probability: b
     return expressions * per_expression + band  # + one temporary copy during the COG conversion
 
 
-def check_free_space(folder: str | os.PathLike[str], needed: int, target: str | os.PathLike[str]) -> None:
+def check_free_space(folder: str | os.PathLike[str], needed: int, source: str | os.PathLike[str]) -> None:
     """Refuse when the disk of ``folder`` (or of its nearest existing parent) has less than ``needed``
-    bytes free.
+    bytes free for the outputs of ``source``.
 
     Raises:
-        DataError: naming ``target`` (the first file to be written), the bytes needed and free.
+        DataError: naming the source image, the output folder, the bytes needed and free.
     """
     probe = Path(folder)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise DataError(f"{target}: not enough free disk space for the outputs of this image: needs up to "
-                        f"{format_bytes(needed)} ({needed:,} bytes, uncompressed bound), {format_bytes(free)} "
-                        f"free in {probe}")
+        raise DataError(f"{source}: not enough free disk space for its outputs in {folder}: they need up to "
+                        f"{format_bytes(needed)} ({needed:,} bytes, uncompressed bound), {format_bytes(free)} free")
 
 
 def expressions_per_pass(height: int, width: int, tile: int, overlap: int, heatmap: bool, preview_pixels: int,

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -209,6 +210,8 @@ def run_batch(predictor: Any, plan: BatchPlan, options: Any, summary: dict[str, 
                 print(f"error: {line}", file=sys.stderr)
                 book.fail_image({"input_index": i, "source": str(scene.path), "error": line,
                                  "error_type": type(exc).__name__})
+                with contextlib.suppress(OSError):
+                    (plan.out / plan.folders[i]).rmdir()  # only when the failed scene left it empty
     except KeyboardInterrupt:
         book.interrupted()
         raise

@@ -83,7 +83,7 @@ def process_image(predictor: Any, path: Path, folder: Path, expressions: list[st
     tiled = should_tile(height, width, options.tile_threshold)
     remove_temporaries(folder)
     needed = scene_output_bytes(height, width, len(expressions), options.probability)
-    check_free_space(folder, needed, folder / f"{names[0]}.mask.tif")
+    check_free_space(folder, needed, path)
     record.update(source=str(path), dir=folder.name, height=height, width=width, georeferenced=georef is not None,
                   tiled=tiled, crs=None if georef is None or georef.crs is None else georef.crs.to_string())
     summary.begin_image(record)

@@ -76,6 +76,8 @@ __all__ = [
 
 #: Valid pixels sampled for the percentile stretch (as in rsrefseg.data.imageio).
 _PERCENTILE_SAMPLES = 2_000_000
+#: GDAL block cache while reading windows of a scene (bytes).
+_GDAL_CACHE_BYTES = 128 * 1024**2
 #: Pixels read at once (whole rows, at least one) while streaming the stretch statistics.
 _STAT_PIXELS = 1 << 22
 
@@ -106,6 +108,14 @@ class SceneSource:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _gdal_reason(exc: BaseException) -> str:
+    """GDAL's own message behind a rasterio error ("Read failed. See previous exception" wraps it)."""
+    cause = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    return " ".join(str(cause).split()) or " ".join(str(exc).split()) or type(exc).__name__
 
 
 def preview_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -180,14 +190,18 @@ class RasterioSource(SceneSource):
 
     def _read(self, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """``K x h x w`` bands and ``h x w`` validity of the chosen bands (kwargs: window/out_shape)."""
+        import rasterio
         from rasterio.enums import Resampling
         from rasterio.errors import RasterioError
 
         try:
-            data = self._ds.read(self._unique, resampling=Resampling.nearest, **kwargs)
-            masks = self._ds.read_masks(self._unique, resampling=Resampling.nearest, **kwargs)
+            # GDAL keeps the decoded blocks it reads in a cache of 5 % of the machine's memory by
+            # default; a scene larger than that would fill it: cap it while reading.
+            with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_BYTES):
+                data = self._ds.read(self._unique, resampling=Resampling.nearest, **kwargs)
+                masks = self._ds.read_masks(self._unique, resampling=Resampling.nearest, **kwargs)
         except RasterioError as exc:
-            raise DataError(f"{self.path}: cannot read image ({' '.join(str(exc).split())})") from None
+            raise DataError(f"{self.path}: cannot read image ({_gdal_reason(exc)})") from None
         valid = (masks > 0).all(axis=0)
         if self._floating:
             valid &= np.isfinite(data).all(axis=0)
