@@ -11,9 +11,10 @@ Before any work on an image: ``--max-pixels`` and the free disk space are checke
 (:mod:`rsrefseg.inference.limits`) and the temporary files a killed earlier run left in its folder
 are removed (:func:`~rsrefseg.inference.manifest.remove_temporaries`; a folder belongs to one
 process). Per georeferenced image, the polygons of every expression also go into one vector file
-``<image-dir>/<image-dir>.<ext>`` (:func:`~rsrefseg.inference.vectors.write_vectors`: GeoPackage,
-FlatGeobuf, Shapefile or GeoJSON, layer ``rsrefseg``), the same polygons as the per-expression
-GeoJSON files.
+``<image-dir>/<image-dir>.<ext>`` (GeoPackage, FlatGeobuf, Shapefile or GeoJSON, layer ``rsrefseg``,
+the fields of :mod:`rsrefseg.inference.vectors`), the same polygons as the per-expression GeoJSON
+files; it is streamed expression by expression (:class:`ImageVectors`), so memory holds one
+expression's polygons at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from rsrefseg.inference.defaults import DEFAULT_TILE_THRESHOLD
 
-__all__ = ["OUTPUT_KEYS", "PredictOptions", "process_image"]
+__all__ = ["OUTPUT_KEYS", "ImageVectors", "PredictOptions", "process_image"]
 
 #: Keys of an output record that name a file (relative to the output root in summary.json).
 OUTPUT_KEYS = ("mask_png", "overlay_png", "heatmap_png", "mask_tif", "geojson")
@@ -52,6 +53,55 @@ class PredictOptions:
     progress: str = "bar"  # progress style of the window loop: bar, json or none
 
 
+class ImageVectors:
+    """The vector file of one image, written expression by expression (atomic on :meth:`commit`).
+
+    Polygons arrive already cleaned (``--simplify``/``--min-area`` applied, as in the per-expression
+    GeoJSON), so they are written as they are, with the measures of
+    :func:`rsrefseg.inference.vectors.write_vectors` (``area_m2``, ``perimeter_m``; null where the
+    CRS cannot give them).
+    """
+
+    def __init__(self, path: Path, fmt: str, crs: Any, source: str) -> None:
+        from rsrefseg.inference.vector_io import FIELDS, LayerWriter
+
+        self.path, self.crs, self.source = path, crs, source
+        self._writer = LayerWriter(path, fmt, crs, dict(FIELDS), "Polygon")
+
+    def add(self, polygons: list[Any], expr_index: int, expression: str, score: float) -> None:
+        """Append one expression's polygons."""
+        import math
+
+        from rasterio.errors import CRSError
+
+        from rsrefseg.inference.geo import area_m2
+        from rsrefseg.inference.vectors import perimeter_m
+
+        def measure(function: Callable[[Any, Any], float | None], geom: Any) -> float | None:
+            try:
+                return function(geom, self.crs)
+            except CRSError:  # coordinates outside the CRS's domain
+                return None
+
+        n = len(polygons)
+        self._writer.write(polygons, {
+            "expr_index": [expr_index] * n, "expression": [expression] * n,
+            "score": [score if math.isfinite(score) else None] * n, "source": [self.source] * n,
+            "area_m2": [measure(area_m2, g) for g in polygons], "perimeter_m": [measure(perimeter_m, g) for g in polygons],
+        })
+
+    def commit(self) -> list[Path]:
+        """Move the finished file into place; returns its files (a Shapefile has several)."""
+        from rsrefseg.inference.vectors import vector_files
+
+        self._writer.commit()
+        return vector_files(self.path)
+
+    def abort(self) -> None:
+        """Drop the unfinished file."""
+        self._writer.abort()
+
+
 def process_image(predictor: Any, path: Path, folder: Path, expressions: list[str], names: list[str],
                   options: PredictOptions, summary: Any, record: dict[str, Any]) -> list[Path]:
     """Predict every expression on one image and write its files (see the module docstring).
@@ -74,7 +124,7 @@ def process_image(predictor: Any, path: Path, folder: Path, expressions: list[st
     from rsrefseg.inference.limits import check_free_space, check_max_pixels, scene_output_bytes
     from rsrefseg.inference.manifest import remove_temporaries
     from rsrefseg.inference.tiling import should_tile
-    from rsrefseg.inference.vectors import features_from_polygons, vector_files, vector_path, write_vectors
+    from rsrefseg.inference.vectors import vector_path
 
     start = time.perf_counter()
     height, width = image_size(path)
@@ -87,28 +137,34 @@ def process_image(predictor: Any, path: Path, folder: Path, expressions: list[st
     record.update(source=str(path), dir=folder.name, height=height, width=width, georeferenced=georef is not None,
                   tiled=tiled, crs=None if georef is None or georef.crs is None else georef.crs.to_string())
     summary.begin_image(record)
-    features: list[Any] = []
     files: list[Path] = []
+    vectors = None
+    if georef is not None:
+        vectors = ImageVectors(vector_path(folder, folder.name, options.vector_format), options.vector_format,
+                               georef.crs, str(path))
 
     def written(output: dict[str, Any], polygons: list[Any]) -> None:
         for key in OUTPUT_KEYS:
             if key in output:
                 files.append(folder / output[key])
                 output[key] = f"{folder.name}/{output[key]}"  # relative to the output root
-        features.extend(features_from_polygons(polygons, output["index"], output["expression"], output["score"],
-                                               str(path)))
+        if vectors is not None:
+            vectors.add(polygons, output["index"], output["expression"], output["score"])
         summary.output_written(output)
 
-    if tiled:
-        run = _stream_scene(predictor, path, folder, expressions, names, options, written)
-        record.update(tile=run.tile, overlap=run.overlap, tiles=run.tiles, skipped_tiles=run.skipped_tiles)
-    else:
-        _decode_whole_image(predictor, path, folder, georef, expressions, names, options, written)
-    if georef is not None:
-        target = vector_path(folder, folder.name, options.vector_format)
-        write_vectors(target, features, georef.crs, options.vector_format)
-        files += vector_files(target)
-        record.update(vector=f"{folder.name}/{target.name}", vector_format=options.vector_format)
+    try:
+        if tiled:
+            run = _stream_scene(predictor, path, folder, expressions, names, options, written)
+            record.update(tile=run.tile, overlap=run.overlap, tiles=run.tiles, skipped_tiles=run.skipped_tiles)
+        else:
+            _decode_whole_image(predictor, path, folder, georef, expressions, names, options, written)
+        if vectors is not None:
+            files += vectors.commit()
+            record.update(vector=f"{folder.name}/{vectors.path.name}", vector_format=options.vector_format)
+    except BaseException:
+        if vectors is not None:
+            vectors.abort()
+        raise
     summary.end_image(seconds=round(time.perf_counter() - start, 3))
     return files
 

@@ -77,7 +77,7 @@ __all__ = [
 #: Valid pixels sampled for the percentile stretch (as in rsrefseg.data.imageio).
 _PERCENTILE_SAMPLES = 2_000_000
 #: GDAL block cache while reading windows of a scene (bytes).
-_GDAL_CACHE_BYTES = 128 * 1024**2
+_GDAL_CACHE_BYTES = 64 * 1024**2
 #: Pixels read at once (whole rows, at least one) while streaming the stretch statistics.
 _STAT_PIXELS = 1 << 22
 
