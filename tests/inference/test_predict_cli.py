@@ -247,3 +247,13 @@ def test_accelerate_two_cpu_processes_shard_and_merge(tiny_checkpoint, make_geot
     assert summary["outputs"] == 3 and not list(out.glob("summary.rank*.json"))
     for i in range(3):
         assert (out / f"scene{i}" / "01_fields.geojson").exists()
+    # Again with --resume: both ranks find their finished scenes in the shared manifest and skip
+    # them; the corrupt input is tried again (failures are not recorded as finished).
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.mask.tif")}
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode != 0 and "corrupt.tif" in again.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [i["input_index"] for i in summary["images"]] == [0, 1, 2]
+    assert all(i["resumed"] for i in summary["images"]) and [f["input_index"] for f in summary["failures"]] == [3]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.mask.tif")} == stamps
+    assert (out / "manifest.jsonl").read_text().count("\n") == 3
