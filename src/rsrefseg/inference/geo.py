@@ -240,28 +240,14 @@ def mask_to_polygons(
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     if not fg.any():
         return []
+    from rsrefseg.inference.raster_polygons import clean_polygons
+
     polygons: list[Polygon] = []
-    shapes = rasterio.features.shapes(
-        fg.astype(np.uint8), mask=fg, connectivity=connectivity, transform=transform
-    )
+    shapes = rasterio.features.shapes(fg.astype(np.uint8), mask=fg, connectivity=connectivity, transform=transform)
     for geojson, _value in shapes:
         geom = shape(geojson)
-        if not geom.is_valid:
-            geom = shapely.make_valid(geom)
-        for poly in _explode_polygons(geom):
-            # canonical ring start and orientation: the simplification below then does not depend
-            # on where GDAL started a ring (streamed scenes give the same polygons, see
-            # rsrefseg.inference.raster_polygons)
-            poly = shapely.normalize(poly)
-            if poly.area < min_area:
-                continue
-            if simplify_tolerance > 0:
-                simplified = poly.simplify(simplify_tolerance, preserve_topology=True)
-                polygons.extend(_explode_polygons(simplified))
-            else:
-                polygons.append(poly)
-    polygons.sort(key=lambda p: p.area, reverse=True)  # stable: ties keep raster-scan order
-    return polygons
+        polygons.extend(_explode_polygons(geom if geom.is_valid else shapely.make_valid(geom)))
+    return clean_polygons(polygons, simplify_tolerance, min_area)  # largest first; ties keep raster-scan order
 
 
 def area_m2(geom: BaseGeometry, crs: CRS | None) -> float | None:
@@ -329,10 +315,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _json_default(value: Any) -> Any:
-    """``json.dumps`` fallback for numpy values inside geometries."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
+    """``json.dumps`` fallback for numpy values inside geometries (anything else: ``TypeError``)."""
+    if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 

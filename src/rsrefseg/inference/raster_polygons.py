@@ -30,7 +30,7 @@ from shapely.geometry.base import BaseGeometry
 
 from rsrefseg.inference.tiling import TileBox
 
-__all__ = ["SeamPolygonizer", "finish_polygons"]
+__all__ = ["SeamPolygonizer", "clean_polygons", "finish_polygons"]
 
 
 def _polygons_of(geom: BaseGeometry) -> list[Polygon]:
@@ -110,22 +110,32 @@ def _touching_groups(polygons: list[Polygon]) -> list[list[Polygon]]:
 
 def finish_polygons(polygons: list[Polygon], transform: Affine, simplify_tolerance: float = 0.0,
                     min_area: float = 0.0) -> list[Polygon]:
-    """Pixel-coordinate polygons -> CRS polygons, as :func:`~rsrefseg.inference.geo.mask_to_polygons`
-    does: ``min_area`` (CRS units squared) on the exact polygon, then Douglas-Peucker simplification
-    with ``simplify_tolerance`` (CRS units, topology preserved); largest area first."""
+    """Pixel-coordinate polygons -> CRS polygons with the options of
+    :func:`~rsrefseg.inference.geo.mask_to_polygons` (:func:`clean_polygons`)."""
+    matrix = [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f]
+    return clean_polygons([shapely.affinity.affine_transform(p, matrix) for p in polygons], simplify_tolerance,
+                          min_area)
+
+
+def clean_polygons(polygons: list[Polygon], simplify_tolerance: float = 0.0, min_area: float = 0.0) -> list[Polygon]:
+    """The polygon options, shared by every polygon output: ``min_area`` (CRS units squared) on the
+    exact polygon, then Douglas-Peucker simplification with ``simplify_tolerance`` (CRS units,
+    topology preserved); largest area first (a stable sort).
+
+    Rings are first brought to a canonical start and orientation (``shapely.normalize``), so that
+    the simplification does not depend on where a ring happened to start: polygons traced from a
+    whole mask and from a streamed one simplify identically.
+    """
     if simplify_tolerance < 0 or min_area < 0:
         raise ValueError("simplify_tolerance and min_area must be >= 0")
-    matrix = [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f]
     out: list[Polygon] = []
     for polygon in polygons:
-        # canonical ring start and orientation, so that simplification does not depend on where
-        # a ring happened to start (the whole-mask path normalises the same way)
-        crs_polygon = shapely.normalize(shapely.affinity.affine_transform(polygon, matrix))
-        if crs_polygon.area < min_area:
+        polygon = shapely.normalize(polygon)
+        if polygon.area < min_area:
             continue
         if simplify_tolerance > 0:
-            out.extend(_polygons_of(crs_polygon.simplify(simplify_tolerance, preserve_topology=True)))
+            out.extend(_polygons_of(polygon.simplify(simplify_tolerance, preserve_topology=True)))
         else:
-            out.append(crs_polygon)
+            out.append(polygon)
     out.sort(key=lambda p: p.area, reverse=True)
     return out
