@@ -28,7 +28,7 @@ def test_streamed_outputs_equal_the_in_memory_scene(predictor, make_geotiff, tmp
                                      batch_size=1)
         seen: list[int] = []
         records, run = write_scene_outputs(predictor, source, TEXTS, NAMES, tmp_path / "out", options,
-                                           tile=64, overlap=16, on_record=lambda k, r: seen.append(k))
+                                           tile=64, overlap=16, on_record=lambda k, r, p: seen.append(k))
     assert seen == [0, 1] and run.tiles == memory.tiles and run.skipped_tiles == memory.skipped_tiles
     expected = tmp_path / "expected"
     for name, prediction, record in zip(NAMES, memory.predictions, records, strict=True):

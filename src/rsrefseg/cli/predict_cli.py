@@ -41,6 +41,7 @@ from rsrefseg.cli.args import add_model_args, parse_pixels
 from rsrefseg.cli.progress import add_progress_args, progress_style
 from rsrefseg.errors import ConfigError, DataError
 from rsrefseg.inference.defaults import DEFAULT_TILE_THRESHOLD, check_expression_length
+from rsrefseg.inference.jobs import IMAGE_SUFFIXES  # noqa: F401  (suffixes taken from folders; re-exported)
 
 #: Vector formats of ``--vector-format`` (rsrefseg.inference.vector_io.VECTOR_FORMATS, torch-free here).
 VECTOR_FORMATS = ("geojson", "gpkg", "fgb", "shp")
