@@ -98,3 +98,30 @@ def test_resume_skips_only_identical_work(make_geotiff, tiny_checkpoint, tmp_pat
                            capture_output=True, text=True, timeout=300)  # other settings: everything redone
     assert other.returncode == 0, other.stderr
     assert not any(i.get("resumed") for i in json.loads((out / "summary.json").read_text())["images"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiled", [False, True])
+def test_interrupted_run_lists_every_file_on_disk(make_geotiff, tiny_checkpoint, tmp_path, tiled):
+    """SIGINT (and SIGTERM, handled the same) in the middle of an image: exit 130, no temporary
+    file, and summary.json lists exactly the prediction files on disk."""
+    image = make_geotiff(tmp_path / "scene.tif", height=96, width=128, nodata_cols=8)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"the building number {i}\n" for i in range(60)))
+    out = tmp_path / "out"
+    tiling = ["--tile-threshold", "1", "--tile", "64", "--overlap", "16", "--batch-size", "4"] if tiled else []
+    cmd = [sys.executable, "-m", "rsrefseg", "predict", str(image), "--texts-file", str(texts), "--checkpoint",
+           str(tiny_checkpoint), "--out", str(out), "--quiet", "--batch-size", "2", *tiling]
+    job = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("scene/*.overlay.png"))) < 3 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130 and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] and summary["images"][0]["complete"] is False
+    listed = {path for record in summary["images"][0]["outputs"] for key, path in record.items()
+              if key in ("mask_png", "overlay_png", "mask_tif", "geojson")}
+    on_disk = {str(p.relative_to(out)) for p in (out / "scene").iterdir()}
+    assert listed == on_disk and 2 <= len(summary["images"][0]["outputs"]) < 60

@@ -52,6 +52,7 @@ __all__ = [
     "merge_summaries",
     "overlay_image",
     "peak_rss_mb",
+    "remove_prediction_files",
     "slugify",
     "unique_names",
     "write_mask_png",
@@ -283,6 +284,17 @@ def write_prediction_outputs(
                 band[~valid] = 0
         record.update(_geo_outputs(base, prediction, georef, source, simplify, min_area, band, collect))
     return record
+
+
+#: Suffixes of the files of one prediction (``<name><suffix>``).
+PREDICTION_SUFFIXES = (".mask.png", ".overlay.png", ".heatmap.png", ".mask.tif", ".geojson")
+
+
+def remove_prediction_files(folder: Path, name: str) -> None:
+    """Remove the files of prediction ``name`` in ``folder`` (after it was interrupted half-way, so
+    that no file is on disk that the summary does not list)."""
+    for suffix in PREDICTION_SUFFIXES:
+        (folder / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def peak_rss_mb() -> float:

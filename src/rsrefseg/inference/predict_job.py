@@ -164,6 +164,7 @@ def process_image(predictor: Any, path: Path, folder: Path, expressions: list[st
     except BaseException:
         if vectors is not None:
             vectors.abort()
+        remove_temporaries(folder)  # whatever an interrupt left half-made (this process owns the folder)
         raise
     summary.end_image(seconds=round(time.perf_counter() - start, 3))
     return files
@@ -195,7 +196,7 @@ def _decode_whole_image(predictor: Any, path: Path, folder: Path, georef: Any, e
     import numpy as np
     import torch
 
-    from rsrefseg.inference.outputs import write_prediction_outputs
+    from rsrefseg.inference.outputs import remove_prediction_files, write_prediction_outputs
     from rsrefseg.inference.predictor import check_expressions
     from rsrefseg.inference.scene import ArraySource
 
@@ -215,10 +216,14 @@ def _decode_whole_image(predictor: Any, path: Path, folder: Path, georef: Any, e
                 prediction = predictor.make_prediction(texts[k], batch.logits[j], valid, options.threshold,
                                                        float(batch.iou[j]), heat)
                 polygons: list[Any] = []
-                output = write_prediction_outputs(
-                    folder, names[k], prediction, preview, str(path), georef, simplify=options.simplify,
-                    min_area=options.min_area, probability=options.probability, valid=image.valid,
-                    collect=polygons)
+                try:
+                    output = write_prediction_outputs(
+                        folder, names[k], prediction, preview, str(path), georef, simplify=options.simplify,
+                        min_area=options.min_area, probability=options.probability, valid=image.valid,
+                        collect=polygons)
+                except BaseException:  # interrupted half-way: no file the summary does not list
+                    remove_prediction_files(folder, names[k])
+                    raise
                 written({"index": k + 1, "name": names[k], **output}, polygons)
                 del prediction
             del batch

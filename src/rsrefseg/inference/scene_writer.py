@@ -45,7 +45,12 @@ from rsrefseg.inference.geo import (
     write_geojson,
 )
 from rsrefseg.inference.limits import expressions_per_pass
-from rsrefseg.inference.outputs import write_heatmap_png, write_mask_png, write_overlay_png
+from rsrefseg.inference.outputs import (
+    remove_prediction_files,
+    write_heatmap_png,
+    write_mask_png,
+    write_overlay_png,
+)
 from rsrefseg.inference.predictor import Predictor, check_expressions
 from rsrefseg.inference.preview import PreviewPool
 from rsrefseg.inference.raster_polygons import SeamPolygonizer, finish_polygons
@@ -225,8 +230,12 @@ def write_scene_outputs(
                     sink.add(region.box, region.values[k], heat, region.valid)
             for k, sink in enumerate(sinks):
                 polygons: list[Any] = []
-                records.append({"index": start + k + 1, "name": names[start + k],
-                                **sink.finish(preview, run.predicted_iou(k), polygons)})
+                try:
+                    record = sink.finish(preview, run.predicted_iou(k), polygons)
+                except BaseException:  # interrupted half-way: no file the caller does not know of
+                    remove_prediction_files(out, names[start + k])
+                    raise
+                records.append({"index": start + k + 1, "name": names[start + k], **record})
                 if on_record is not None:
                     on_record(start + k, records[-1], polygons)
         except BaseException:
