@@ -14,12 +14,22 @@ from rsrefseg.inference.stitching import FrontierStitcher
 UTM_HALF_METRE = Affine(0.5, 0.0, 733601.0, 0.0, -0.5, 3725139.0)
 
 
-def _regions(height: int, width: int, tile: int, overlap: int):
-    """The final regions of a tiling (their boxes), in the streaming order."""
+def _streamed_polygons(mask: np.ndarray, tile: int, overlap: int, flush: bool = True) -> tuple[list, int]:
+    """Polygons of ``mask`` delivered as the final regions of a tiling, in the streaming order,
+    flushed whenever the stitcher's delivered part grows; and the most pieces ever waiting."""
+    height, width = mask.shape
     stitcher = FrontierStitcher(height, width, tile, overlap, channels=1)
+    polygonizer = SeamPolygonizer(height, width)
+    found, waiting, frontier = [], 0, None
     for box in stitcher.order():
         zeros = np.zeros((1, box.height, box.width), np.float32)
-        yield from (r.box for r in stitcher.add(box, zeros, np.ones(zeros.shape[1:], bool)))
+        for region in stitcher.add(box, zeros, np.ones(zeros.shape[1:], bool)):
+            found += polygonizer.add(region.box, mask[region.box.slices])
+        waiting = max(waiting, polygonizer.waiting)
+        if flush and stitcher.emitted_before() != frontier:
+            frontier = stitcher.emitted_before()
+            found += polygonizer.flush(*frontier)
+    return found + polygonizer.close(), waiting
 
 
 def _blobs(height: int, width: int, seed: int) -> np.ndarray:
@@ -38,10 +48,10 @@ def _blobs(height: int, width: int, seed: int) -> np.ndarray:
                          [(97, 131, 32, 8, 0), (150, 90, 40, 0, 1), (200, 260, 64, 24, 2)])
 def test_streamed_polygons_equal_the_whole_mask_polygons(height, width, tile, overlap, seed):
     mask = _blobs(height, width, seed)
-    polygonizer = SeamPolygonizer(height, width)
-    for box in _regions(height, width, tile, overlap):
-        polygonizer.add(box, mask[box.slices])
-    streamed = finish_polygons(polygonizer.polygons(), UTM_HALF_METRE)
+    pieces, waiting = _streamed_polygons(mask, tile, overlap)
+    held_to_the_end, waiting_to_the_end = _streamed_polygons(mask, tile, overlap, flush=False)
+    assert len(held_to_the_end) == len(pieces) and waiting < waiting_to_the_end  # flushing frees pieces early
+    streamed = finish_polygons(pieces, UTM_HALF_METRE)
     whole = mask_to_polygons(mask, UTM_HALF_METRE)
     assert len(streamed) == len(whole) > 50
     assert all(p.is_valid for p in streamed)
@@ -55,11 +65,9 @@ def test_streamed_polygons_equal_the_whole_mask_polygons(height, width, tile, ov
 
 def test_min_area_and_simplify_act_like_mask_to_polygons():
     mask = _blobs(120, 120, 5)
-    polygonizer = SeamPolygonizer(120, 120)
-    for box in _regions(120, 120, 50, 10):
-        polygonizer.add(box, mask[box.slices])
+    pieces, _ = _streamed_polygons(mask, 50, 10)
     for simplify, min_area in ((0.0, 3.0), (0.5, 0.0), (1.0, 10.0)):
-        streamed = finish_polygons(polygonizer.polygons(), UTM_HALF_METRE, simplify, min_area)
+        streamed = finish_polygons(pieces, UTM_HALF_METRE, simplify, min_area)
         whole = mask_to_polygons(mask, UTM_HALF_METRE, simplify_tolerance=simplify, min_area=min_area)
         assert len(streamed) == len(whole)
         # both normalise rings before simplifying, so even simplified polygons agree

@@ -27,8 +27,15 @@ def test_streamed_outputs_equal_the_in_memory_scene(predictor, make_geotiff, tmp
         options = SceneOutputOptions(heatmap=True, probability=True, overlay_max_side=100, memory_budget=budget,
                                      batch_size=1)
         seen: list[int] = []
+        batches: dict[int, int] = {}
+
+        def polygons(k: int, text: str, score: float, batch: list) -> None:
+            assert text == TEXTS[k]
+            batches[k] = batches.get(k, 0) + len(batch)
+
         records, run = write_scene_outputs(predictor, source, TEXTS, NAMES, tmp_path / "out", options,
-                                           tile=64, overlap=16, on_record=lambda k, r, p: seen.append(k))
+                                           tile=64, overlap=16, on_record=lambda k, r: seen.append(k),
+                                           on_polygons=polygons)
     assert seen == [0, 1] and run.tiles == memory.tiles and run.skipped_tiles == memory.skipped_tiles
     expected = tmp_path / "expected"
     for name, prediction, record in zip(NAMES, memory.predictions, records, strict=True):
@@ -46,7 +53,7 @@ def test_streamed_outputs_equal_the_in_memory_scene(predictor, make_geotiff, tmp
         np.testing.assert_array_equal(png > 0, prediction.mask)
         reference = write_prediction_outputs(expected, name, prediction, np.zeros((10, 10, 3), np.uint8), str(path),
                                              source.georef)
-        assert record["polygons"] == reference["polygons"] > 0
+        assert record["polygons"] == reference["polygons"] == batches[records.index(record)] > 0
         assert record["area_m2"] == pytest.approx(reference["area_m2"], rel=1e-9)
         streamed = json.loads((tmp_path / "out" / record["geojson"]).read_text())
         assert streamed["crs"] == json.loads((expected / reference["geojson"]).read_text())["crs"]

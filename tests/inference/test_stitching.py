@@ -47,6 +47,9 @@ def test_regions_tile_the_scene_once_with_the_maxima_of_the_full_stitcher(height
             out_valid[region.box.slices] = region.valid
             covered[region.box.slices] += 1
         peak = max(peak, stitcher.pending_bytes)
+        axis, before = stitcher.emitted_before()  # everything before `before` along `axis` was emitted
+        assert (covered[:, :before] if axis == 1 else covered[:before]).all()
+        assert axis == (1 if width >= height else 0)
     assert peak <= FrontierStitcher.frontier_bytes(height, width, tile, overlap, channels)
     assert stitcher.done and stitcher.emitted_pixels == height * width
     assert (covered == 1).all()  # every pixel emitted exactly once

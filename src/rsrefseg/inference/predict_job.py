@@ -143,21 +143,23 @@ def process_image(predictor: Any, path: Path, folder: Path, expressions: list[st
         vectors = ImageVectors(vector_path(folder, folder.name, options.vector_format), options.vector_format,
                                georef.crs, str(path))
 
-    def written(output: dict[str, Any], polygons: list[Any]) -> None:
+    def polygons(index: int, expression: str, score: float, batch: list[Any]) -> None:
+        if vectors is not None:  # expression `index` (0-based): a batch of its polygons
+            vectors.add(batch, index + 1, expression, score)
+
+    def written(output: dict[str, Any]) -> None:
         for key in OUTPUT_KEYS:
             if key in output:
                 files.append(folder / output[key])
                 output[key] = f"{folder.name}/{output[key]}"  # relative to the output root
-        if vectors is not None:
-            vectors.add(polygons, output["index"], output["expression"], output["score"])
         summary.output_written(output)
 
     try:
         if tiled:
-            run = _stream_scene(predictor, path, folder, expressions, names, options, written)
+            run = _stream_scene(predictor, path, folder, expressions, names, options, written, polygons)
             record.update(tile=run.tile, overlap=run.overlap, tiles=run.tiles, skipped_tiles=run.skipped_tiles)
         else:
-            _decode_whole_image(predictor, path, folder, georef, expressions, names, options, written)
+            _decode_whole_image(predictor, path, folder, georef, expressions, names, options, written, polygons)
         if vectors is not None:
             files += vectors.commit()
             record.update(vector=f"{folder.name}/{vectors.path.name}", vector_format=options.vector_format)
@@ -171,7 +173,8 @@ def process_image(predictor: Any, path: Path, folder: Path, expressions: list[st
 
 
 def _stream_scene(predictor: Any, path: Path, folder: Path, expressions: list[str], names: list[str],
-                  options: PredictOptions, written: Callable[[dict[str, Any], list[Any]], None]) -> Any:
+                  options: PredictOptions, written: Callable[[dict[str, Any]], None],
+                  polygons: Callable[[int, str, float, list[Any]], None]) -> Any:
     """Tiled image: window by window (:func:`write_scene_outputs`); returns its ``SceneRun``."""
     from rsrefseg.cli.progress import progress
     from rsrefseg.inference.scene import open_scene
@@ -185,13 +188,13 @@ def _stream_scene(predictor: Any, path: Path, folder: Path, expressions: list[st
         _, run = write_scene_outputs(
             predictor, source, expressions, names, folder, scene_options, options.tile, options.overlap,
             progress=lambda it, n: progress(it, options.progress, total=n, desc="tiles", leave=False),
-            on_record=lambda _k, output, polygons: written(output, polygons))
+            on_record=lambda _k, output: written(output), on_polygons=polygons)
     return run
 
 
 def _decode_whole_image(predictor: Any, path: Path, folder: Path, georef: Any, expressions: list[str],
-                        names: list[str], options: PredictOptions,
-                        written: Callable[[dict[str, Any], list[Any]], None]) -> None:
+                        names: list[str], options: PredictOptions, written: Callable[[dict[str, Any]], None],
+                        polygons: Callable[[int, str, float, list[Any]], None]) -> None:
     """Untiled image: encode once, decode batch by batch, write each prediction as soon as it exists."""
     import numpy as np
     import torch
@@ -215,16 +218,17 @@ def _decode_whole_image(predictor: Any, path: Path, folder: Path, georef: Any, e
                 heat = None if batch.heat_logits is None else batch.heat_logits[j]
                 prediction = predictor.make_prediction(texts[k], batch.logits[j], valid, options.threshold,
                                                        float(batch.iou[j]), heat)
-                polygons: list[Any] = []
+                found: list[Any] = []
                 try:
                     output = write_prediction_outputs(
                         folder, names[k], prediction, preview, str(path), georef, simplify=options.simplify,
                         min_area=options.min_area, probability=options.probability, valid=image.valid,
-                        collect=polygons)
+                        collect=found)
                 except BaseException:  # interrupted half-way: no file the summary does not list
                     remove_prediction_files(folder, names[k])
                     raise
-                written({"index": k + 1, "name": names[k], **output}, polygons)
+                polygons(k, texts[k], prediction.score, found)
+                written({"index": k + 1, "name": names[k], **output})
                 del prediction
             del batch
     finally:

@@ -7,16 +7,17 @@ regions of :mod:`rsrefseg.inference.stitching`, or windows read back from a GeoT
 1. each region is polygonized on its own (GDAL polygonize, 4-connectivity, pixel coordinates, so
    every vertex is an integer and every comparison below is exact);
 2. a polygon that does not reach an inner edge of its region (an edge shared with another region)
-   is final;
-3. the others are merged at the end, one ``unary_union`` per group of touching pieces: pieces
+   is final at once;
+3. the others wait and are merged, one ``unary_union`` per group of touching pieces, whenever the
+   caller knows that everything before some row/column was delivered (and at the end): pieces
    sharing an edge segment on a seam become one polygon, pieces touching only at a corner stay
    apart (4-connectivity, like a polygonize of the whole mask), and collinear vertices left on
-   former seams are removed.
+   former seams are removed; merged polygons lying entirely in the delivered part are final.
 
 The result has the same polygons as a polygonize of the whole mask (same count, same areas, same
 pixel-exact rings); :func:`finish_polygons` then maps them to the CRS and applies ``min_area`` and
-``simplify`` like :func:`~rsrefseg.inference.geo.mask_to_polygons`. Memory: the polygons themselves
-(the output) and one region's mask, not the scene.
+``simplify`` like :func:`~rsrefseg.inference.geo.mask_to_polygons`. Memory: the pieces waiting
+on the seams of the not-yet-delivered part and one region's mask, not the scene nor the output.
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ def _polygons_of(geom: BaseGeometry) -> list[Polygon]:
 
 
 class SeamPolygonizer:
-    """Collect the polygons of an ``H x W`` mask given region by region (see the module docstring).
+    """Polygons of an ``H x W`` mask given region by region (see the module docstring), handed out
+    as soon as they are final.
+
+    :meth:`add` returns the region's polygons that touch no seam; :meth:`flush` merges the pieces
+    waiting on seams and returns those lying entirely before a coordinate up to which the whole
+    scene was delivered (:meth:`FrontierStitcher.emitted_before`); :meth:`close` returns the rest.
+    Only pieces on the not-yet-delivered side of a seam are held.
 
     Args:
         height, width: The scene size ``H x W``.
@@ -53,26 +60,34 @@ class SeamPolygonizer:
 
     def __init__(self, height: int, width: int) -> None:
         self.height, self.width = height, width
-        self._final: list[Polygon] = []
         self._open: list[Polygon] = []
 
-    def add(self, box: TileBox, mask: np.ndarray) -> None:
-        """Polygonize one region's ``h x w`` bool mask (regions must not overlap)."""
+    @property
+    def waiting(self) -> int:
+        """Pieces held because they touch a seam whose other side may still come."""
+        return len(self._open)
+
+    def add(self, box: TileBox, mask: np.ndarray) -> list[Polygon]:
+        """Polygonize one region's ``h x w`` bool mask (regions must not overlap); returns its final
+        polygons (pixel coordinates)."""
         if not mask.any():
-            return
+            return []
         inner = (box.x0 > 0, box.x1 < self.width, box.y0 > 0, box.y1 < self.height)  # left, right, top, bottom
         shapes = rasterio.features.shapes(mask.astype(np.uint8), mask=mask, connectivity=4,
                                           transform=Affine.translation(box.x0, box.y0))
+        final: list[Polygon] = []
         for geojson, _value in shapes:
             geom = shape(geojson)
             for polygon in _polygons_of(geom if geom.is_valid else shapely.make_valid(geom)):
                 x0, y0, x1, y1 = polygon.bounds
                 on_seam = ((inner[0] and x0 == box.x0) or (inner[1] and x1 == box.x1)
                            or (inner[2] and y0 == box.y0) or (inner[3] and y1 == box.y1))
-                (self._open if on_seam else self._final).append(polygon)
+                (self._open if on_seam else final).append(polygon)
+        return final
 
-    def polygons(self) -> list[Polygon]:
-        """Every polygon in pixel coordinates (pieces across seams merged), in no particular order."""
+    def flush(self, axis: int, before: int) -> list[Polygon]:
+        """Merge the waiting pieces; return the polygons that end before ``before`` along ``axis``
+        (0: rows, 1: columns), every pixel there having been delivered."""
         merged: list[Polygon] = []
         for group in _touching_groups(self._open):
             if len(group) == 1:
@@ -81,7 +96,14 @@ class SeamPolygonizer:
             # unary_union keeps the vertices of former seams on straight edges; a zero tolerance drops them
             union = shapely.simplify(shapely.unary_union(group), 0.0, preserve_topology=True)
             merged.extend(_polygons_of(union))
-        return self._final + merged
+        end = 2 if axis == 1 else 3  # index of maxx / maxy in bounds
+        final = [p for p in merged if p.bounds[end] < before]  # touching the line `before` could still grow
+        self._open = [p for p in merged if p.bounds[end] >= before]
+        return final
+
+    def close(self) -> list[Polygon]:
+        """Every polygon still waiting, merged (call once the whole scene was delivered)."""
+        return self.flush(1, self.width + 1)
 
 
 def _touching_groups(polygons: list[Polygon]) -> list[list[Polygon]]:

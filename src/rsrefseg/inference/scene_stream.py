@@ -94,6 +94,7 @@ def iter_scene_regions(
     heatmap: bool = False,
     progress: Callable[[Iterator[TileBox], int], Iterator[TileBox]] | None = None,
     cache: TileCache | None = None,
+    on_window: Callable[[tuple[int, int]], None] | None = None,
 ) -> Iterator[FinalRegion]:
     """Yield the final regions of a tiled scene (see the module docstring).
 
@@ -108,6 +109,9 @@ def iter_scene_regions(
         progress: Optional wrapper of the window iterator, e.g. ``lambda it, n: tqdm(it, total=n)``.
         cache: Encoded windows of this scene (the :class:`TileCache` protocol: ``bind``, ``get``,
             ``put``).
+        on_window: Called after each window's regions were consumed with
+            :meth:`FrontierStitcher.emitted_before` (``(axis, c)``: everything before ``c`` along
+            ``axis`` was yielded), e.g. to finish polygons that can no longer grow.
 
     Yields:
         :class:`FinalRegion` with ``C x h x w`` values: the ``n`` expressions' logits, then with
@@ -143,5 +147,7 @@ def iter_scene_regions(
             values = _window_values(predictor, text_batches, encoded, n, box, heatmap, threshold, run)
             valid = encoded.valid
         yield from stitcher.add(box, values, valid)
+        if on_window is not None:
+            on_window(stitcher.emitted_before())
     if not stitcher.done or stitcher.emitted_pixels != source.height * source.width:
         raise RuntimeError("the tile loop ended before every pixel of the scene was final")

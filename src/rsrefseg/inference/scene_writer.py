@@ -27,6 +27,7 @@ failure or an interrupt removes every temporary file.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +40,7 @@ from affine import Affine
 
 from rsrefseg.inference.cog import COGMaskWriter, probability_uint8
 from rsrefseg.inference.defaults import MASK_PNG_MAX_PIXELS, STREAM_MEMORY_BUDGET
-from rsrefseg.inference.geo import (
-    GeoReference,
-    polygons_to_feature_collection,
-    write_geojson,
-)
+from rsrefseg.inference.geo import GeoReference
 from rsrefseg.inference.limits import expressions_per_pass
 from rsrefseg.inference.outputs import (
     remove_prediction_files,
@@ -51,9 +48,9 @@ from rsrefseg.inference.outputs import (
     write_mask_png,
     write_overlay_png,
 )
+from rsrefseg.inference.polygon_stream import StreamedPolygons
 from rsrefseg.inference.predictor import Predictor, check_expressions
 from rsrefseg.inference.preview import PreviewPool
-from rsrefseg.inference.raster_polygons import SeamPolygonizer, finish_polygons
 from rsrefseg.inference.scene import SceneSource, preview_shape, scene_tiling
 from rsrefseg.inference.scene_stream import SceneRun, iter_scene_regions
 from rsrefseg.inference.tiling import TileBox, TileCache, tile_grid
@@ -94,10 +91,17 @@ class _ExpressionSink:
         self.target = folder / f"{name}.mask.tif"
         self.pixels, self.probability_sum = 0, 0.0
         self.pool = PreviewPool(height, width, *preview_shape, heat=options.heatmap)
-        self.polygons = SeamPolygonizer(height, width) if georef is not None else None
         self.cog = _TaggedCOG(self.target, height, width, None if georef is None else georef.crs,
                               Affine.identity() if georef is None else georef.transform,
                               probability=options.probability, tags={"expression": expression, "source": source})
+        self.polygons = None
+        if georef is not None:
+            try:
+                self.polygons = StreamedPolygons(folder, name, height, width, georef, options.simplify,
+                                                 options.min_area)
+            except BaseException:
+                self.cog.abort()
+                raise
 
     def add(self, box: TileBox, logits: np.ndarray, heat: np.ndarray | None, valid: np.ndarray) -> None:
         """One final region: ``h x w`` logits, optional heat logits, validity."""
@@ -124,9 +128,10 @@ class _ExpressionSink:
         """Mean probability over the mask pixels (0.0 for an empty mask), as ``Prediction.score``."""
         return self.probability_sum / self.pixels if self.pixels else 0.0
 
-    def finish(self, preview: np.ndarray, predicted_iou: float, collect: list[Any] | None = None) -> dict[str, Any]:
+    def finish(self, preview: np.ndarray, predicted_iou: float,
+               on_polygons: Callable[[list[Any]], None] | None = None) -> dict[str, Any]:
         """Close and publish the GeoTIFF, then write the PNG and GeoJSON files; return the record.
-        The polygons (CRS units, options applied) are appended to ``collect`` when given."""
+        ``on_polygons`` gets the polygons (CRS units, options applied) batch by batch."""
         score, base = self.score, self.folder / self.name
         self.cog.update_tags(score=f"{score:.6f}")
         self.cog.close()  # overviews, COG layout, moved onto the target
@@ -143,22 +148,24 @@ class _ExpressionSink:
             write_heatmap_png(f"{base}.heatmap.png", preview, self.pool.heat())
             record["heatmap_png"] = f"{self.name}.heatmap.png"
         record["mask_tif"] = self.target.name
-        if self.polygons is not None and self.georef is not None:
-            polygons = finish_polygons(self.polygons.polygons(), self.georef.transform, self.options.simplify,
-                                       self.options.min_area)
-            if collect is not None:
-                collect.extend(polygons)
-            properties = {"expression": self.expression, "score": score, "source": self.source}
-            collection = polygons_to_feature_collection(polygons, self.georef.crs, properties)
-            write_geojson(f"{base}.geojson", collection)
-            areas = [f["properties"]["area_m2"] for f in collection["features"]]
-            record.update(geojson=f"{self.name}.geojson", polygons=len(polygons),
-                          area_m2=float(sum(areas)) if all(a is not None for a in areas) else None)
+        if self.polygons is not None:
+            count, area = self.polygons.write(Path(f"{base}.geojson"), self.expression, score, self.source,
+                                              on_polygons)
+            record.update(geojson=f"{self.name}.geojson", polygons=count, area_m2=area)
         return record
 
     def abort(self) -> None:
         """Remove the temporary files (after a failure or an interrupt)."""
         self.cog.abort()
+        if self.polygons is not None:
+            self.polygons.abort()
+
+
+def _flush_polygons(sinks: list[_ExpressionSink], frontier: tuple[int, int]) -> None:
+    """Everything before the stitcher's frontier was delivered: polygons there are final."""
+    for sink in sinks:
+        if sink.polygons is not None:
+            sink.polygons.flush(*frontier)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
@@ -177,7 +184,8 @@ def write_scene_outputs(
     overlap: int | None = None,
     progress: Callable[[Iterator[TileBox], int], Iterator[TileBox]] | None = None,
     cache: TileCache | None = None,
-    on_record: Callable[[int, dict[str, Any], list[Any]], None] | None = None,
+    on_record: Callable[[int, dict[str, Any]], None] | None = None,
+    on_polygons: Callable[[int, str, float, list[Any]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], SceneRun]:
     """Segment ``expressions`` on a tiled scene and write their files into ``folder`` window by window.
 
@@ -191,8 +199,10 @@ def write_scene_outputs(
         tile, overlap: Tiling (default: model input ``S`` and ``tile // 8``).
         progress: Optional wrapper of each pass's window iterator.
         cache: Encoded windows of this scene (reused across passes and calls).
-        on_record: Called with ``(expression index, record, polygons)`` as soon as an expression's
-            files exist (``polygons``: its polygons in CRS units, empty without georeference).
+        on_record: Called with ``(expression index, record)`` as soon as an expression's files exist.
+        on_polygons: Called with ``(expression index, expression, score, polygons)`` for every
+            batch of an expression's polygons (CRS units, options applied) while its GeoJSON is
+            written (georeferenced scenes only), e.g. to fill a vector file of every expression.
 
     Returns:
         One record per expression (file names relative to ``folder``, score, pixels, polygons) and
@@ -223,21 +233,23 @@ def write_scene_outputs(
                 sinks.append(_ExpressionSink(out, names[start + k], text, source_name, source.height,
                                              source.width, source.georef, options, shape))
             n = len(chunk)
-            for region in iter_scene_regions(predictor, source, chunk, run, options.batch_size,
-                                             options.threshold, options.heatmap, progress, cache):
+            for region in iter_scene_regions(predictor, source, chunk, run, options.batch_size, options.threshold,
+                                             options.heatmap, progress, cache,
+                                             on_window=functools.partial(_flush_polygons, sinks)):
                 for k, sink in enumerate(sinks):
                     heat = region.values[n + k] if options.heatmap else None
                     sink.add(region.box, region.values[k], heat, region.valid)
             for k, sink in enumerate(sinks):
-                polygons: list[Any] = []
+                index = start + k
+                batch = None if on_polygons is None else functools.partial(on_polygons, index, chunk[k], sink.score)
                 try:
-                    record = sink.finish(preview, run.predicted_iou(k), polygons)
+                    record = sink.finish(preview, run.predicted_iou(k), batch)
                 except BaseException:  # interrupted half-way: no file the caller does not know of
-                    remove_prediction_files(out, names[start + k])
+                    remove_prediction_files(out, names[index])
                     raise
-                records.append({"index": start + k + 1, "name": names[start + k], **record})
+                records.append({"index": index + 1, "name": names[index], **record})
                 if on_record is not None:
-                    on_record(start + k, records[-1], polygons)
+                    on_record(index, records[-1])
         except BaseException:
             for sink in sinks:
                 sink.abort()

@@ -25,6 +25,7 @@ Validity (``h x w`` bool per window, False on nodata) is merged alongside by log
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 from typing import NamedTuple
 
@@ -59,6 +60,27 @@ def _cells(starts: list[int], length: int, size: int) -> tuple[list[int], list[i
     return cuts, counts
 
 
+class _MinCounter:
+    """A multiset of ints with ``min`` in O(log n) (a heap with lazy deletion)."""
+
+    def __init__(self) -> None:
+        self._count: dict[int, int] = {}
+        self._heap: list[int] = []
+
+    def add(self, value: int, count: int) -> None:
+        """Add ``count`` (negative: remove) copies of ``value``."""
+        before = self._count.get(value, 0)
+        self._count[value] = before + count
+        if before <= 0 < before + count:
+            heapq.heappush(self._heap, value)
+
+    def min(self, default: int) -> int:
+        """The smallest value present, or ``default``."""
+        while self._heap and self._count.get(self._heap[0], 0) <= 0:
+            heapq.heappop(self._heap)
+        return self._heap[0] if self._heap else default
+
+
 class FrontierStitcher:
     """Max-merge ``C``-channel windows of a tiling, emitting the parts that became final.
 
@@ -82,6 +104,11 @@ class FrontierStitcher:
         # (cell row, cell col) -> [C x h x w max so far, h x w validity, windows still to come]
         self._pending: dict[tuple[int, int], list] = {}
         self._added: set[TileBox] = set()
+        # Starts (along the swept axis) of the windows still to add and of the pending cells.
+        self._axis = 1 if width >= height else 0
+        self._open_starts = _MinCounter()
+        for start in self.cols if self._axis == 1 else self.rows:
+            self._open_starts.add(start, len(self.rows) if self._axis == 1 else len(self.cols))
         self.emitted_pixels = 0
 
     @property
@@ -128,6 +155,15 @@ class FrontierStitcher:
         window = min(tile, height) * min(tile, width)
         return (4 * channels + 1) * (2 * strip * short_side + 4 * window)
 
+    def emitted_before(self) -> tuple[int, int]:
+        """``(axis, c)``: every pixel whose coordinate along ``axis`` (0: rows, 1: columns; the axis
+        :meth:`order` sweeps along) is below ``c`` was emitted. No cell straddles ``c``: it is the
+        start of a pending cell or of a window still to add (or the scene size). O(log n)."""
+        return self._axis, self._open_starts.min(self.width if self._axis == 1 else self.height)
+
+    def _cell_start(self, i: int, j: int) -> int:
+        return self._col_cuts[j] if self._axis == 1 else self._row_cuts[i]
+
     def _cell_range(self, cuts: list[int], start: int, stop: int) -> range:
         return range(bisect.bisect_left(cuts, start), bisect.bisect_left(cuts, stop))
 
@@ -153,6 +189,7 @@ class FrontierStitcher:
         if valid.shape != (th, tw):
             raise ValueError(f"valid must be {(th, tw)} (h x w), got {valid.shape}")
         self._added.add(box)
+        self._open_starts.add(box.x0 if self._axis == 1 else box.y0, -1)
         finished: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         for i in self._cell_range(self._row_cuts, box.y0, box.y1):
             rows = slice(self._row_cuts[i] - box.y0, self._row_cuts[i + 1] - box.y0)
@@ -166,12 +203,14 @@ class FrontierStitcher:
                 cell = self._pending.get((i, j))
                 if cell is None:
                     self._pending[i, j] = [part.copy(), part_valid.copy(), total - 1]
+                    self._open_starts.add(self._cell_start(i, j), 1)
                     continue
                 np.maximum(cell[0], part, out=cell[0])
                 cell[1] |= part_valid
                 cell[2] -= 1
                 if cell[2] == 0:
                     del self._pending[i, j]
+                    self._open_starts.add(self._cell_start(i, j), -1)
                     finished[i, j] = (cell[0], cell[1])
         return self._regions(finished)
 
