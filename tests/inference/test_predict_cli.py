@@ -16,7 +16,13 @@ from PIL import Image
 
 from rsrefseg.cli.main import main
 from rsrefseg.cli.predict_cli import DEFAULT_TILE_THRESHOLD, collect_expressions, expand_inputs
-from rsrefseg.inference.outputs import expression_names, image_dir_names, merge_summaries, slugify
+from rsrefseg.inference.outputs import (
+    expression_names,
+    image_dir_names,
+    merge_summaries,
+    slugify,
+    unique_names,
+)
 
 TEXTS = ["the large building", "Road on the LEFT!"]
 NAMES = ["01_the-large-building", "02_road-on-the-left"]
@@ -66,6 +72,7 @@ def _check_outputs(out: Path, inputs: list[Path], names: list[str]) -> dict:
             assert record["mask_tif"] == f"{path.stem}/{name}.mask.tif"
             with rasterio.open(folder / f"{name}.mask.tif") as ds, rasterio.open(path) as src:
                 assert ds.crs == src.crs and ds.transform == src.transform and ds.dtypes == ("uint8",)
+                assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"  # Cloud Optimized GeoTIFF
                 np.testing.assert_array_equal(ds.read(1), mask)
                 nodata = (src.read_masks() == 0).any(axis=0)
             assert not mask[nodata].any()
@@ -75,6 +82,13 @@ def _check_outputs(out: Path, inputs: list[Path], names: list[str]) -> dict:
             assert props["expression"] == record["expression"] and props["source"] == str(path)
             assert props["score"] == pytest.approx(record["score"]) and props["area_m2"] > 0
             assert record["area_m2"] == pytest.approx(sum(f["properties"]["area_m2"] for f in collection["features"]))
+        if geo_expected:  # one vector file per image with every expression's polygons
+            assert image["vector"] == f"{path.stem}/{path.stem}.geojson" and image["vector_format"] == "geojson"
+            layer = json.loads((out / image["vector"]).read_text())
+            assert len(layer["features"]) == sum(r["polygons"] for r in image["outputs"])
+        else:
+            assert "vector" not in image
+        assert image["complete"]
     return summary
 
 
@@ -102,7 +116,8 @@ def test_every_input_kind(data_root, tiny_checkpoint, tmp_path, capsys):
     assert code == 0 and "3 image(s)" in stdout
     summary = _check_outputs(out, [spacenet, albers, dior], NAMES[:1])
     assert summary["failures"] == [] and summary["peak_rss_mb"] > 0
-    assert summary["settings"]["min_area_px"] == 16 and summary["settings"]["simplify_px"] == 0.5
+    assert summary["settings"]["min_area"] == 16 and summary["settings"]["simplify"] == 0.5
+    assert summary["settings"]["polygon_units"] == "crs"
     custom = json.loads((out / "albers_3band_int16" / f"{NAMES[0]}.geojson").read_text())
     assert custom["crs"]["properties"]["name"].startswith("PROJCS")  # no EPSG code: the WKT
 
@@ -190,7 +205,8 @@ def test_names_inputs_and_options(tmp_path):
     for name in ("b.tif", "a.jpg", "notes.txt"):
         (tmp_path / "d" / name).write_bytes(b"")
     found = expand_inputs([str(tmp_path / "d"), str(tmp_path / "d" / "*.tif")])
-    assert [p.name for p in found] == ["a.jpg", "b.tif"]
+    assert [s.path.name for s in found] == ["a.jpg", "b.tif"] and [s.name for s in found] == ["a", "b"]
+    assert unique_names(["x", "X", "x", "", "x-2"]) == ["x", "X-2", "x-3", "image", "x-2-2"]
     assert collect_expressions(["  two   spaces "], None) == ["two spaces"]
     parts = [
         {"rank": 1, "world_size": 2, "peak_rss_mb": 9.0, "failures": [{"input_index": 1}],
@@ -231,3 +247,13 @@ def test_accelerate_two_cpu_processes_shard_and_merge(tiny_checkpoint, make_geot
     assert summary["outputs"] == 3 and not list(out.glob("summary.rank*.json"))
     for i in range(3):
         assert (out / f"scene{i}" / "01_fields.geojson").exists()
+    # Again with --resume: both ranks find their finished scenes in the shared manifest and skip
+    # them; the corrupt input is tried again (failures are not recorded as finished).
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.mask.tif")}
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode != 0 and "corrupt.tif" in again.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [i["input_index"] for i in summary["images"]] == [0, 1, 2]
+    assert all(i["resumed"] for i in summary["images"]) and [f["input_index"] for f in summary["failures"]] == [3]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.mask.tif")} == stamps
+    assert (out / "manifest.jsonl").read_text().count("\n") == 3

@@ -240,24 +240,14 @@ def mask_to_polygons(
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     if not fg.any():
         return []
+    from rsrefseg.inference.raster_polygons import clean_polygons
+
     polygons: list[Polygon] = []
-    shapes = rasterio.features.shapes(
-        fg.astype(np.uint8), mask=fg, connectivity=connectivity, transform=transform
-    )
+    shapes = rasterio.features.shapes(fg.astype(np.uint8), mask=fg, connectivity=connectivity, transform=transform)
     for geojson, _value in shapes:
         geom = shape(geojson)
-        if not geom.is_valid:
-            geom = shapely.make_valid(geom)
-        for poly in _explode_polygons(geom):
-            if poly.area < min_area:
-                continue
-            if simplify_tolerance > 0:
-                simplified = poly.simplify(simplify_tolerance, preserve_topology=True)
-                polygons.extend(_explode_polygons(simplified))
-            else:
-                polygons.append(poly)
-    polygons.sort(key=lambda p: p.area, reverse=True)  # stable: ties keep raster-scan order
-    return polygons
+        polygons.extend(_explode_polygons(geom if geom.is_valid else shapely.make_valid(geom)))
+    return clean_polygons(polygons, simplify_tolerance, min_area)  # largest first; ties keep raster-scan order
 
 
 def area_m2(geom: BaseGeometry, crs: CRS | None) -> float | None:
@@ -324,6 +314,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _json_default(value: Any) -> Any:
+    """``json.dumps`` fallback for numpy values inside geometries (anything else: ``TypeError``)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def polygons_to_feature_collection(
     polygons: Sequence[BaseGeometry],
     crs: CRS | None,
@@ -348,7 +345,8 @@ def polygons_to_feature_collection(
         props["area_crs_units"] = float(geom.area)
         props["area_m2"] = area_m2(geom, crs)
         features.append(
-            {"type": "Feature", "id": index, "geometry": _jsonable(mapping(geom)), "properties": props}
+            # mapping() gives tuples of Python floats, which json writes as they are
+            {"type": "Feature", "id": index, "geometry": mapping(geom), "properties": props}
         )
     collection: dict[str, Any] = {"type": "FeatureCollection"}
     member = geojson_crs_member(crs)
@@ -369,7 +367,12 @@ def write_geojson(path: str | os.PathLike[str], feature_collection: Mapping[str,
     if feature_collection.get("type") != "FeatureCollection":
         raise ValueError("feature_collection must be a GeoJSON FeatureCollection")
     target = Path(path)
-    text = json.dumps(_jsonable(dict(feature_collection)), allow_nan=False) + "\n"
+    # Members and properties are made JSON-safe (numpy scalars, paths, NaN -> null); geometries are
+    # left to json.dumps (numpy values through `default`), which is linear in the coordinates.
+    collection = {k: _jsonable(v) for k, v in feature_collection.items() if k != "features"}
+    collection["features"] = [{**{k: _jsonable(v) for k, v in f.items() if k != "geometry"},
+                               "geometry": f.get("geometry")} for f in feature_collection.get("features", [])]
+    text = json.dumps(collection, allow_nan=False, default=_json_default) + "\n"
     try:
         atomic_write_text(target, text)
     except OSError as exc:

@@ -4,7 +4,8 @@ Layout under the output folder ``OUT``::
 
     OUT/<image-dir>/<nn>_<slug>.mask.png      H x W, 0 / 255 (every image)
     OUT/<image-dir>/<nn>_<slug>.overlay.png   image + tinted mask + outline + expression as title
-    OUT/<image-dir>/<nn>_<slug>.mask.tif      uint8 0/255 GeoTIFF, source CRS and transform (geo only)
+    OUT/<image-dir>/<nn>_<slug>.mask.tif      uint8 0/255 Cloud Optimized GeoTIFF, source CRS and
+                                              transform, optional band 2 "probability" (geo only)
     OUT/<image-dir>/<nn>_<slug>.geojson       polygons in the source CRS (geo only)
     OUT/summary.json                          everything written, and the failures
 
@@ -14,13 +15,16 @@ lower-case ASCII slug of the expression. Overlays of images larger than ``overla
 downscaled previews (the mask is reduced with "any" pooling, so thin objects stay visible); mask
 PNG/GeoTIFF/GeoJSON are always at full resolution. Every file is written atomically.
 
-Polygon options are in **pixels**, whatever the CRS: ``simplify`` is a Douglas-Peucker tolerance of
-``simplify`` pixel sides and ``min_area`` drops polygons smaller than ``min_area`` pixels.
+Polygon options are in **CRS units** (georeferenced images are the only ones with polygons):
+``simplify`` is a Douglas-Peucker tolerance in CRS units and ``min_area`` drops polygons smaller than
+``min_area`` CRS units squared (m and m² for metric projections, degrees for EPSG:4326).
+
+Tiled scenes are written window by window instead (:mod:`rsrefseg.inference.scene_writer`: the
+same files, except the mask PNG of scenes above ``MASK_PNG_MAX_PIXELS``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import resource
@@ -38,7 +42,6 @@ from rsrefseg.inference.geo import (
     mask_to_polygons,
     polygons_to_feature_collection,
     write_geojson,
-    write_mask_geotiff,
 )
 from rsrefseg.inference.predictor import Prediction
 from rsrefseg.utils import atomic_save, atomic_write_json
@@ -49,7 +52,9 @@ __all__ = [
     "merge_summaries",
     "overlay_image",
     "peak_rss_mb",
+    "remove_prediction_files",
     "slugify",
+    "unique_names",
     "write_mask_png",
     "write_overlay_png",
     "write_prediction_outputs",
@@ -75,13 +80,21 @@ def expression_names(expressions: Sequence[str]) -> list[str]:
 
 def image_dir_names(paths: Sequence[Path]) -> list[str]:
     """Output folder name of each input: its stem, made unique in input order (``x``, ``x-2``...)."""
-    seen: dict[str, int] = {}
-    names = []
-    for path in paths:
-        stem = path.stem or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return names
+    return unique_names([path.stem for path in paths])
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """``names`` made unique in order by suffixes (``x``, ``x-2``, ``x-3``...; empty -> ``image``)."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        base, candidate, n = name or "image", name or "image", 1
+        while candidate.lower() in taken:  # case-insensitive: also unique on macOS/Windows disks
+            n += 1
+            candidate = f"{base}-{n}"
+        taken.add(candidate.lower())
+        out.append(candidate)
+    return out
 
 
 def write_mask_png(path: str | os.PathLike[str], mask: np.ndarray) -> None:
@@ -184,17 +197,21 @@ def _geo_outputs(
     source: str,
     simplify: float,
     min_area: float,
+    probability: np.ndarray | None,
+    collect: list[Any] | None,
 ) -> dict[str, Any]:
-    """Write ``<base>.mask.tif`` and ``<base>.geojson``; return their summary fields."""
+    """Write ``<base>.mask.tif`` (Cloud Optimized GeoTIFF, optional probability band) and
+    ``<base>.geojson``; return their summary fields."""
+    from rsrefseg.inference.cog import COGMaskWriter
+
     tags = {"expression": prediction.expression, "score": f"{prediction.score:.6f}", "source": source}
-    write_mask_geotiff(f"{base}.mask.tif", prediction.mask, georef, tags=tags)
-    pixel_area = abs(georef.transform.determinant)  # CRS units² of one pixel
-    polygons = mask_to_polygons(
-        prediction.mask,
-        georef.transform,
-        simplify_tolerance=simplify * math.sqrt(pixel_area),
-        min_area=min_area * pixel_area,
-    )
+    height, width = prediction.mask.shape
+    with COGMaskWriter(f"{base}.mask.tif", height, width, georef.crs, georef.transform,
+                       probability=probability is not None, tags=tags) as cog:
+        cog.write(0, 0, prediction.mask, probability)
+    polygons = mask_to_polygons(prediction.mask, georef.transform, simplify_tolerance=simplify, min_area=min_area)
+    if collect is not None:
+        collect.extend(polygons)
     properties = {"expression": prediction.expression, "score": prediction.score, "source": source}
     collection = polygons_to_feature_collection(polygons, georef.crs, properties)
     write_geojson(f"{base}.geojson", collection)
@@ -217,6 +234,9 @@ def write_prediction_outputs(
     georef: GeoReference | None,
     simplify: float = 0.0,
     min_area: float = 0.0,
+    probability: bool = False,
+    valid: np.ndarray | None = None,
+    collect: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Write every file of one prediction into ``folder`` (see the module docstring).
 
@@ -228,7 +248,12 @@ def write_prediction_outputs(
         preview: ``h x w x 3`` uint8 RGB for the overlay (the image, or a downscaled preview).
         source: Source file, recorded in the GeoTIFF tags and GeoJSON properties.
         georef: Georeferencing; ``None`` writes no GeoTIFF/GeoJSON.
-        simplify, min_area: Polygon options in pixels.
+        simplify, min_area: Polygon options in CRS units and CRS units squared.
+        probability: Add the ``probability`` band (``round(255 * sigmoid(logit))``, 0 where
+            ``valid`` is False) to the mask GeoTIFF.
+        valid: ``H x W`` validity of the image (for the probability band).
+        collect: When given, the polygons (CRS units) are appended to it (for a vector file of
+            all expressions).
 
     Returns:
         The summary record: file names (relative to ``folder``), score, mask pixels, polygons.
@@ -250,8 +275,26 @@ def write_prediction_outputs(
         write_heatmap_png(f"{base}.heatmap.png", preview, prediction.heatmap)
         record["heatmap_png"] = f"{name}.heatmap.png"
     if georef is not None:
-        record.update(_geo_outputs(base, prediction, georef, source, simplify, min_area))
+        band = None
+        if probability:
+            from rsrefseg.inference.cog import probability_uint8
+
+            band = probability_uint8(prediction.logits)
+            if valid is not None:
+                band[~valid] = 0
+        record.update(_geo_outputs(base, prediction, georef, source, simplify, min_area, band, collect))
     return record
+
+
+#: Suffixes of the files of one prediction (``<name><suffix>``).
+PREDICTION_SUFFIXES = (".mask.png", ".overlay.png", ".heatmap.png", ".mask.tif", ".geojson")
+
+
+def remove_prediction_files(folder: Path, name: str) -> None:
+    """Remove the files of prediction ``name`` in ``folder`` (after it was interrupted half-way, so
+    that no file is on disk that the summary does not list)."""
+    for suffix in PREDICTION_SUFFIXES:
+        (folder / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def peak_rss_mb() -> float:

@@ -9,20 +9,28 @@ few pixels). Instead it is cut into ``tile x tile`` windows at native resolution
 2. the image encoders run once on it (:meth:`Predictor.encode`; the predictor's own current image
    is left alone),
 3. every expression is decoded on the cached features (text features are encoded once per scene),
-4. its logits are max-merged into one ``H x W`` float32 buffer per expression
-   (:class:`~rsrefseg.inference.tiling.LogitStitcher`, seam-free).
+4. its logits are max-merged with the overlapping windows (seam-free; the tile loop and the
+   streaming stitcher are in :mod:`rsrefseg.inference.scene_stream` and
+   :mod:`rsrefseg.inference.stitching`).
 
 Windows without a single valid pixel are skipped (their logits are :data:`EMPTY_TILE_LOGIT`).
+:func:`predict_scene` returns ``H x W`` arrays per expression (what the web demo and the Python API
+need for scenes that fit in memory); ``rsrefseg predict`` writes the same values window by window
+into its output files instead (:mod:`rsrefseg.inference.scene_writer`), so its memory does not
+depend on the scene size.
 
 Interactive use (new expressions on the same scene, as in the web demo) passes a :class:`TileCache`:
 encoded windows are kept (about 7.5 MB each for the full presets, fp32 features) up to its byte
 budget, so a later call decodes the new expressions on the cached windows without reading or
 encoding them again; windows beyond the budget are encoded on every call.
-Memory stays bounded: one stitch buffer per expression (``4 * H * W`` bytes, 53 MB for the
-2846 x 4627 Landsat sample), the scene's ``H x W`` validity mask, and one tile. The stretch of
-non-8-bit data uses per-band percentiles over the whole scene's valid pixels, computed by streaming
-the file in row blocks with exactly the sampling of :func:`rsrefseg.data.imageio.read_image`, so
-tiles look identical to the corresponding part of a full read.
+Memory of :func:`predict_scene`: one ``H x W`` float32 buffer per expression (``4 * H * W``
+bytes, 53 MB for the 2846 x 4627 Landsat sample; twice with heatmaps), the scene's ``H x W``
+validity, one tile and the stitching frontier. The stretch of non-8-bit data uses per-band
+percentiles over the whole scene's valid pixels, computed by streaming the file in row blocks (of
+at most :data:`_STAT_PIXELS` pixels) with exactly the sampling of
+:func:`rsrefseg.data.imageio.read_image`, so tiles look identical to the corresponding part of a
+full read. JPEG/PNG/BMP scenes are read whole with PIL (whose decompression-bomb limit, about 179
+million pixels, refuses larger ones): use GeoTIFF for larger scenes.
 
 **Relative words in tiled mode.** Every tile is segmented on its own, so spatial and comparative
 words ("on the left", "the largest", "the second ship from the top") are interpreted **per tile**:
@@ -50,7 +58,8 @@ from rsrefseg.errors import DataError
 from rsrefseg.inference.defaults import DEFAULT_TILE_THRESHOLD
 from rsrefseg.inference.geo import GeoReference
 from rsrefseg.inference.predictor import ImageInput, Prediction, Predictor, as_raster_image, check_expressions
-from rsrefseg.inference.tiling import LogitStitcher, TileBox, TileCache, tile_grid
+from rsrefseg.inference.scene_stream import EMPTY_TILE_LOGIT, SceneRun, iter_scene_regions
+from rsrefseg.inference.tiling import TileBox, TileCache, tile_grid
 
 __all__ = [
     "DEFAULT_TILE_THRESHOLD",
@@ -61,14 +70,16 @@ __all__ = [
     "SceneSource",
     "open_scene",
     "predict_scene",
+    "preview_shape",
+    "scene_tiling",
 ]
 
-#: Logit given to windows without any valid pixel (they are not run through the model).
-EMPTY_TILE_LOGIT = -1.0e4
 #: Valid pixels sampled for the percentile stretch (as in rsrefseg.data.imageio).
 _PERCENTILE_SAMPLES = 2_000_000
-#: Rows read at once while streaming the stretch statistics.
-_STAT_ROWS = 256
+#: GDAL block cache while reading windows of a scene (bytes).
+_GDAL_CACHE_BYTES = 64 * 1024**2
+#: Pixels read at once (whole rows, at least one) while streaming the stretch statistics.
+_STAT_PIXELS = 1 << 22
 
 
 class SceneSource:
@@ -99,7 +110,16 @@ class SceneSource:
         self.close()
 
 
-def _preview_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
+def _gdal_reason(exc: BaseException) -> str:
+    """GDAL's own message behind a rasterio error ("Read failed. See previous exception" wraps it)."""
+    cause = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    return " ".join(str(cause).split()) or " ".join(str(exc).split()) or type(exc).__name__
+
+
+def preview_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """``(h', w')`` of the preview of an ``H x W`` scene whose longest side is at most ``max_side``."""
     scale = min(1.0, max_side / max(height, width))
     return max(1, round(height * scale)), max(1, round(width * scale))
 
@@ -119,7 +139,7 @@ class ArraySource(SceneSource):
         return self.image.rgb[box.slices], self.image.valid[box.slices]
 
     def preview(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
-        h, w = _preview_shape(self.height, self.width, max_side)
+        h, w = preview_shape(self.height, self.width, max_side)
         # Nearest sampling of the pixel centres of the h x w preview grid.
         rows = ((np.arange(h) + 0.5) * self.height / h).astype(int)
         cols = ((np.arange(w) + 0.5) * self.width / w).astype(int)
@@ -170,14 +190,18 @@ class RasterioSource(SceneSource):
 
     def _read(self, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """``K x h x w`` bands and ``h x w`` validity of the chosen bands (kwargs: window/out_shape)."""
+        import rasterio
         from rasterio.enums import Resampling
         from rasterio.errors import RasterioError
 
         try:
-            data = self._ds.read(self._unique, resampling=Resampling.nearest, **kwargs)
-            masks = self._ds.read_masks(self._unique, resampling=Resampling.nearest, **kwargs)
+            # GDAL keeps the decoded blocks it reads in a cache of 5 % of the machine's memory by
+            # default; a scene larger than that would fill it: cap it while reading.
+            with rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_BYTES):
+                data = self._ds.read(self._unique, resampling=Resampling.nearest, **kwargs)
+                masks = self._ds.read_masks(self._unique, resampling=Resampling.nearest, **kwargs)
         except RasterioError as exc:
-            raise DataError(f"{self.path}: cannot read image ({' '.join(str(exc).split())})") from None
+            raise DataError(f"{self.path}: cannot read image ({_gdal_reason(exc)})") from None
         valid = (masks > 0).all(axis=0)
         if self._floating:
             valid &= np.isfinite(data).all(axis=0)
@@ -191,8 +215,8 @@ class RasterioSource(SceneSource):
         """
         from rasterio.windows import Window
 
-        blocks = [Window(0, r, self.width, min(_STAT_ROWS, self.height - r))
-                  for r in range(0, self.height, _STAT_ROWS)]
+        rows = max(1, _STAT_PIXELS // self.width)
+        blocks = [Window(0, r, self.width, min(rows, self.height - r)) for r in range(0, self.height, rows)]
         n_valid = sum(int(self._read(window=w)[1].sum()) for w in blocks)  # first pass: count
         step = max(1, n_valid // _PERCENTILE_SAMPLES)
         samples: list[list[np.ndarray]] = [[] for _ in self._unique]
@@ -223,7 +247,7 @@ class RasterioSource(SceneSource):
         return self._to_rgb(data, valid), valid
 
     def preview(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
-        h, w = _preview_shape(self.height, self.width, max_side)
+        h, w = preview_shape(self.height, self.width, max_side)
         data, valid = self._read(out_shape=(len(self._unique), h, w))
         return self._to_rgb(data, valid), valid
 
@@ -265,7 +289,6 @@ class ScenePrediction:
     cached_tiles: int = 0
 
 
-@torch.inference_mode()
 def predict_scene(
     predictor: Predictor,
     source: SceneSource,
@@ -278,7 +301,11 @@ def predict_scene(
     progress: Callable[[Iterator[TileBox], int], Iterator[TileBox]] | None = None,
     cache: TileCache | None = None,
 ) -> ScenePrediction:
-    """Segment ``expressions`` on a large scene tile by tile and stitch with max logits.
+    """Segment ``expressions`` on a large scene tile by tile and stitch with max logits, in memory.
+
+    The results hold ``H x W`` arrays per expression; for scenes too large for that, write the
+    outputs window by window with :func:`rsrefseg.inference.scene_writer.write_scene_outputs`
+    (same tile loop, same values).
 
     Args:
         predictor: The predictor (its own current image, if any, is left as it was).
@@ -294,55 +321,28 @@ def predict_scene(
             :class:`TileCache`; one cache per scene and band choice).
     """
     texts = check_expressions(expressions)
-    tile = int(tile or predictor.size)
-    overlap = int(tile // 8 if overlap is None else overlap)
-    boxes = tile_grid(source.height, source.width, tile, overlap)
-    text_batches = predictor.encode_expressions(texts, batch_size)  # once for every tile
-    stitchers = [LogitStitcher(source.height, source.width) for _ in texts]
-    heat_stitchers = [LogitStitcher(source.height, source.width) for _ in texts] if heatmap else []
+    tile, overlap = scene_tiling(predictor, tile, overlap)
+    tile_grid(source.height, source.width, tile, overlap)  # validates the tiling
+    n = len(texts)
+    run = SceneRun(tile, overlap)
+    # n (+ n heat) x H x W full-scene values, and the H x W validity.
+    values = np.empty((n * (2 if heatmap else 1), source.height, source.width), dtype=np.float32)
     valid = np.zeros((source.height, source.width), dtype=bool)
-    iou_sum = np.zeros(len(texts))
-    iou_weight = np.zeros(len(texts))
-    skipped = encoded_tiles = cached_tiles = 0
-    if cache is not None:
-        cache.bind(predictor, source.height, source.width, tile, overlap)
-    iterator: Iterator[TileBox] = iter(boxes)
-    if progress is not None:
-        iterator = progress(iterator, len(boxes))
-    for box in iterator:
-        found, encoded = cache.get(box) if cache is not None else (False, None)
-        if found:
-            cached_tiles += encoded is not None
-        else:
-            rgb, tile_valid = source.read(box)
-            if tile_valid.any():
-                encoded = predictor.encode(rgb, valid=tile_valid)
-                encoded_tiles += 1
-            if cache is not None:
-                cache.put(box, encoded)
-        if encoded is None:  # no valid pixel
-            skipped += 1
-            empty = torch.full((box.height, box.width), EMPTY_TILE_LOGIT)
-            for stitcher in (*stitchers, *heat_stitchers):
-                stitcher.add(box, empty)
-            continue
-        valid[box.slices] = encoded.valid
-        valid_t = torch.from_numpy(np.ascontiguousarray(encoded.valid))  # h x w bool
-        for batch in predictor.iter_logits(text_batches, heatmap=heatmap, encoded=encoded):
-            for j in range(batch.logits.shape[0]):
-                k = batch.start + j
-                stitchers[k].add(box, batch.logits[j])
-                if batch.heat_logits is not None:
-                    heat_stitchers[k].add(box, batch.heat_logits[j])
-                area = int(((batch.logits[j] > threshold) & valid_t).sum())
-                iou_sum[k] += float(batch.iou[j]) * area
-                iou_weight[k] += area
+    for region in iter_scene_regions(predictor, source, texts, run, batch_size, threshold, heatmap, progress, cache):
+        values[(slice(None), *region.box.slices)] = region.values
+        valid[region.box.slices] = region.valid
     valid_t = torch.from_numpy(valid)
     predictions = []
     for k, text in enumerate(texts):
-        iou = float(iou_sum[k] / iou_weight[k]) if iou_weight[k] > 0 else 0.0
-        heat = heat_stitchers[k].result() if heatmap else None
+        heat = torch.from_numpy(values[n + k]) if heatmap else None
         predictions.append(
-            Predictor.make_prediction(text, stitchers[k].result(), valid_t, threshold, iou, heat)
+            Predictor.make_prediction(text, torch.from_numpy(values[k]), valid_t, threshold, run.predicted_iou(k), heat)
         )
-    return ScenePrediction(predictions, valid, len(boxes), skipped, tile, overlap, encoded_tiles, cached_tiles)
+    return ScenePrediction(predictions, valid, run.tiles, run.skipped_tiles, tile, overlap, run.encoded_tiles,
+                           run.cached_tiles)
+
+
+def scene_tiling(predictor: Predictor, tile: int | None, overlap: int | None) -> tuple[int, int]:
+    """``(tile, overlap)`` with the defaults: the model input ``S`` and ``tile // 8``."""
+    tile = int(tile or predictor.size)
+    return tile, int(tile // 8 if overlap is None else overlap)

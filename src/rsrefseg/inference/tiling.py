@@ -26,7 +26,7 @@ from rsrefseg.inference.defaults import DEFAULT_TILE_CACHE_BYTES
 if TYPE_CHECKING:  # pragma: no cover
     from rsrefseg.inference.predictor import EncodedImage, Predictor
 
-__all__ = ["LogitStitcher", "TileBox", "TileCache", "should_tile", "tile_grid"]
+__all__ = ["LogitStitcher", "TileBox", "TileCache", "axis_starts", "should_tile", "tile_grid"]
 
 
 class TileBox(NamedTuple):
@@ -54,7 +54,7 @@ class TileBox(NamedTuple):
         return slice(self.y0, self.y1), slice(self.x0, self.x1)
 
 
-def _axis_starts(size: int, tile: int, stride: int) -> list[int]:
+def axis_starts(size: int, tile: int, stride: int) -> list[int]:
     """Window starts along one axis of length ``size``: every ``stride`` pixels, with the last
     window shifted inward so that it ends exactly at ``size`` (no sliver windows)."""
     if size <= tile:
@@ -82,8 +82,8 @@ def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[TileBox]
     if not 0 <= overlap < tile:
         raise ConfigError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
     stride = tile - overlap
-    rows = _axis_starts(height, tile, stride)
-    cols = _axis_starts(width, tile, stride)
+    rows = axis_starts(height, tile, stride)
+    cols = axis_starts(width, tile, stride)
     return [TileBox(y0, x0, min(y0 + tile, height), min(x0 + tile, width)) for y0 in rows for x0 in cols]
 
 
