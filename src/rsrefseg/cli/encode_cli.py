@@ -58,22 +58,23 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--overlap must be in [0, tile), got {args.overlap}")
     if not 16 <= args.preview_max_side <= 4096:
         raise ConfigError(f"--preview-max-side must be in [16, 4096], got {args.preview_max_side}")
-    from rsrefseg.cli.predict_cli import expand_inputs
+    from rsrefseg.inference.jobs import expand_inputs
 
-    inputs = expand_inputs(args.scenes)
+    scenes = expand_inputs(args.scenes)  # the same inputs as predict: files, folders, globs, @lists, STAC
     out = Path(args.out)
 
     from rsrefseg.inference.features import encode_scene
-    from rsrefseg.inference.outputs import image_dir_names
+    from rsrefseg.inference.outputs import unique_names
     from rsrefseg.inference.predictor import Predictor
 
     predictor = Predictor.from_pretrained(args.checkpoint, device=args.device, precision=args.precision)
     style = progress_style(args)
-    names = image_dir_names(inputs)
+    # Folder names as predict names its image folders (STAC item id or file stem, made unique).
+    names = unique_names([scene.name for scene in scenes])
     done: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    for i in progress(range(len(inputs)), style, total=len(inputs), desc="encode", unit="scene"):
-        path, folder = inputs[i], out / names[i]
+    for i in progress(range(len(scenes)), style, total=len(scenes), desc="encode", unit="scene"):
+        path, folder = scenes[i].path, out / names[i]
         try:
             result = encode_scene(
                 predictor, path, folder, tile=args.tile, overlap=args.overlap, dtype=args.dtype,
