@@ -134,6 +134,7 @@ def write_final_report(config: TrainConfig, net: Any, accelerator: Any, state: A
     from rsrefseg.checkpoint import load_into
     from rsrefseg.evaluation import SwappedTextView, evaluate, evaluate_baselines, swap_control
     from rsrefseg.metrics import format_table
+    from rsrefseg.modeling.optimize import fast_kernels
     from rsrefseg.training.report import markdown_table, write_report
 
     report_dir = Path(config.work_dir) / "report"
@@ -153,14 +154,16 @@ def write_final_report(config: TrainConfig, net: Any, accelerator: Any, state: A
     if (ckpt_root / "best").is_dir():
         load_into(net, ckpt_root / "best")
     swapped = SwappedTextView(val_ds)
-    if best is not None and len(swapped) > 0:
-        # Control: each expression swapped for one of the same image that refers to another target.
-        # The same numbers as with the true expressions = the model ignores the text.
-        control = swap_control(net, swapped, evaluate(net, val_ds, config.val_batch_size).rows, config.val_batch_size)
-        rows["control: best, true expressions (swappable samples)"] = control["true_expressions"]
-        rows["control: best, expression swapped within the image"] = control["swapped_expressions"]
-    if config.report_overlays > 0:
-        _overlays(net, val_base, report_dir / "overlays", config.report_overlays, accelerator.device)
+    with fast_kernels(net):  # as `rsrefseg eval`
+        if best is not None and len(swapped) > 0:
+            # Control: each expression swapped for one of the same image that refers to another target.
+            # The same numbers as with the true expressions = the model ignores the text.
+            true_rows = evaluate(net, val_ds, config.val_batch_size).rows
+            control = swap_control(net, swapped, true_rows, config.val_batch_size)
+            rows["control: best, true expressions (swappable samples)"] = control["true_expressions"]
+            rows["control: best, expression swapped within the image"] = control["swapped_expressions"]
+        if config.report_overlays > 0:
+            _overlays(net, val_base, report_dir / "overlays", config.report_overlays, accelerator.device)
     info = {
         "preset": config.model.preset,
         "work_dir": config.work_dir,

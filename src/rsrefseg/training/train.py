@@ -28,6 +28,7 @@ from rsrefseg.data.grouping import collate_grouped
 from rsrefseg.errors import RSRefSegError
 from rsrefseg.evaluation import evaluate
 from rsrefseg.modeling.checkpointing import enable_gradient_checkpointing
+from rsrefseg.modeling.optimize import fast_kernels
 from rsrefseg.training.data import AugmentedView, EpochBatchSampler
 from rsrefseg.training.losses import activation_loss, segmentation_loss
 from rsrefseg.training.schedule import make_schedule, make_scheduler, steps_per_epoch
@@ -231,8 +232,9 @@ def _train(
 
     def validate() -> dict[str, Any]:
         nonlocal last_metrics
-        result = evaluate(net, val_ds, config.val_batch_size, accelerator, config.num_workers,
-                          progress=config.progress, desc="val")
+        with fast_kernels(net):  # the kernels of `rsrefseg eval` (LoRA unmerged), then the training ones
+            result = evaluate(net, val_ds, config.val_batch_size, accelerator, config.num_workers,
+                              progress=config.progress, desc="val")
         summary = {k: result.metrics[k] for k in SUMMARY_KEYS if k in result.metrics}
         done = state.epoch + state.batch_in_epoch / len(sampler)  # epochs completed (fractional if mid-epoch)
         state.history.append({"epoch": done, "step": state.global_step, **summary})
