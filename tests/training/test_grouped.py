@@ -136,9 +136,11 @@ def test_grouped_sampler_shards_contiguously_across_processes() -> None:
 def test_unique_images_is_exact() -> None:
     base = torch.randint(0, 255, (3, 3, 8, 8), dtype=torch.uint8)
     flipped = base[0].flip(-1)
-    batch = torch.stack([base[0], base[1], base[0], flipped, base[2], base[1]])
+    nudged = base[0].clone()
+    nudged.view(-1)[1] += 1  # one value off, outside the strided sample of the lookup key
+    batch = torch.stack([base[0], base[1], base[0], flipped, base[2], base[1], nudged])
     unique, index = unique_images(batch)
-    assert unique.shape[0] == 4 and index.tolist() == [0, 1, 0, 2, 3, 1]
+    assert unique.shape[0] == 5 and index.tolist() == [0, 1, 0, 2, 3, 1, 4]
     assert torch.equal(unique[index], batch)
     same, ident = unique_images(base)
     assert same is base and ident.tolist() == [0, 1, 2]
