@@ -163,3 +163,15 @@ def test_grouped_batches_flip_all_expressions_of_an_image_alike(synthetic: dict[
             assert torch.equal(batch["mask"][t], alone["mask"]) and batch["text"][t] == alone["text"]
             flipped_texts += batch["text"][t] != records[i].sent
     assert flipped_texts > 0  # some "left"/"right" words were rewritten with their image's flip
+
+
+def test_config_refuses_bad_group_sizes_and_switches() -> None:
+    from rsrefseg.errors import ConfigError
+    from rsrefseg.training.train_config import load_config
+
+    assert load_config(None).data.expressions_per_image == 1 and not load_config(None).gradient_checkpointing
+    for overrides, message in (({"data.expressions_per_image": 0}, "must be >= 1, got 0"),
+                               ({"data.expressions_per_image": 2.5}, "expected an integer"),
+                               ({"gradient_checkpointing": "maybe"}, "expected true/false")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)
