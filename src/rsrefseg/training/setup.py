@@ -94,8 +94,13 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         if p.requires_grad:
             (no_decay if o.no_decay_1d and p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach: one fused update over all tensors (the per-tensor loop costs ~0.1 s a step on a CPU).
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
+    groups = [g for g in groups if g["params"]]
+    # fused: one kernel for the whole update (CPU and CUDA); tiny on a CPU: 4 ms a step against
+    # 10-14 ms for foreach (and ~0.1 s for the per-tensor loop). foreach where fused is unsupported.
+    try:
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
 
 
 def oom_message(config: TrainConfig, mcfg: RSRefSegConfig) -> str:
