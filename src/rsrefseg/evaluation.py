@@ -4,6 +4,11 @@ Every number is computed per sample at the **original image resolution**: the mo
 logits are brought back with :func:`rsrefseg.data.transforms.logits_to_original` (crop padding,
 bilinear resize), thresholded at 0, and compared with the original-size target.
 
+Samples of a batch that share an image (the records of an image follow each other in the usual
+files) share one image encoding: each distinct image is encoded once and decoded for each of its
+expressions (:func:`rsrefseg.data.grouping.unique_images`). ``rsrefseg eval`` and the validation
+inside training both go through :func:`evaluate`, with the same fast kernels.
+
 Distributed runs (``accelerate launch``): the batches of the natural order are dealt to the
 processes round-robin (batch ``b`` goes to process ``b % world_size``), so every sample is computed
 in exactly the same batch as in a single-process run; processes with fewer batches repeat a batch.
@@ -23,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rsrefseg.data.datasets import collate_fn
+from rsrefseg.data.grouping import unique_images
 from rsrefseg.data.records import decode_mask
 from rsrefseg.data.transforms import logits_to_original
 from rsrefseg.metrics import DEFAULT_THRESHOLDS, RefSegMetrics, SampleStats, pixel_counts
@@ -136,8 +142,10 @@ def evaluate(
         bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False, dynamic_ncols=True)
     try:
         for batch in loader:
+            # each distinct image of the batch encoded once, decoded for each of its expressions
+            images, image_index = unique_images(batch["pixel_values"])
             with autocast():
-                out = net(batch["pixel_values"].to(device), batch["text"])
+                out = net(images.to(device), batch["text"], image_index.to(device))
             logits = out.mask_logits.float().cpu()  # B x 1 x S x S
             for i, meta in enumerate(batch["meta"]):
                 pred = (logits_to_original(logits[i, 0], meta) > 0).numpy()  # S x S -> H x W bool

@@ -1,7 +1,8 @@
 """A run SIGKILLed mid-epoch and resumed continues exactly like an uninterrupted run.
 
 LoRA dropout (global torch RNG), seeded flips, gradient accumulation and mid-epoch checkpoints are
-all on, so the test fails if any RNG state or the data position were not restored.
+all on, so the test fails if any RNG state or the data position were not restored; once with records
+one by one and once with grouped expressions (``data.expressions_per_image: 2``).
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ def _rows(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synthetic: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_image", [1, 2], ids=["records", "grouped"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(synthetic: dict[str, Path], tmp_path: Path,
+                                                             per_image: int) -> None:
     env = cli_env()
     common = dict(batch_size=2, grad_accum=2, checkpoint_every_steps=5, keep_last=2, report_overlays=0,
-                  schedule__epochs=2, data__flip_h=0.5, data__flip_v=0.5, data__cache=True)
+                  schedule__epochs=2, data__flip_h=0.5, data__flip_v=0.5, data__cache=True,
+                  data__expressions_per_image=per_image)
     # 48 records / 2 = 24 micro-batches = 12 optimizer steps per epoch; LoRA with dropout 0.1.
     lora = {"finetune": "lora", "lora_dropout": 0.1}
 

@@ -126,3 +126,40 @@ def accelerate_cmd(n: int, *args: str) -> tuple[list[str], dict[str, str]]:
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), *args]
     return cmd, env
+
+
+def nontrivial_weights(model: Any, seed: int = 0) -> Any:
+    """Make a random-init model's outputs and gradients non-trivial, in place (gradient tests).
+
+    The mask hypernetworks' last layers are scaled by 1000 (logits of O(0.1) instead of O(1e-4),
+    as ``tests/inference/conftest.py``), and LoRA ``B`` matrices (zero at init, which leaves every
+    LoRA ``A`` without gradient) get small random values.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "output_hypernetworks_mlps" in name and ".proj_out." in name:
+                param.mul_(1000.0)
+            elif ".lora_B." in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=g))
+    return model
+
+
+def grad_mismatch(a: dict[str, Any], b: dict[str, Any], floor: float = 1e-4) -> tuple[float, str]:
+    """Worst relative difference between the gradients of two ``{name: grad}`` dicts, and its name.
+
+    Per tensor ``max|a - b| / max(max|b|, floor * G)`` with ``G`` the largest gradient entry of all
+    tensors: a tensor's own scale, except for gradients that are ~0 in exact arithmetic (e.g. the
+    key biases of softmax attention, 1e-12 here), which are held to ``floor * G`` instead of to
+    their own rounding noise.
+    """
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    top = max(float(g.abs().max()) for g in b.values())
+    worst, where = 0.0, ""
+    for name, grad in b.items():
+        err = float((a[name] - grad).abs().max()) / max(float(grad.abs().max()), floor * top, 1e-30)
+        if err > worst:
+            worst, where = err, name
+    return worst, where

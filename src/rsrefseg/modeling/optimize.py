@@ -14,10 +14,15 @@
   agreement.
 
 All of it is in place and for inference only (the merged model can no longer be trained as LoRA).
+:func:`fast_kernels` switches the fast kernels (not the merge, not the precision) on for a block
+and back off after it: validation inside training runs the kernels of ``rsrefseg eval`` on the
+model being trained, LoRA unmerged.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -95,3 +100,34 @@ def cast_encoders(model: nn.Module, dtype: torch.dtype) -> list[str]:
         model.to(dtype)
         cast.append("")
     return cast
+
+
+@contextlib.contextmanager
+def fast_kernels(model: nn.Module) -> Iterator[dict[str, int]]:
+    """The fast SAM attention, oneDNN linears and CLIP/SigLIP attention of :func:`optimize_for_inference`
+    for the duration of the block (no LoRA merge, no cast), then exactly the previous kernels again.
+
+    Parameters are untouched (class swaps and the towers' attention setting only), so this can wrap
+    the validation of a model in training, LoRA and optimizer state included. Layers that were fast
+    before the block stay fast after it. Yields the counts of layers switched on.
+    """
+    from rsrefseg.modeling.fast_attention import _towers, disable_fast_attention, enable_fast_attention
+    from rsrefseg.modeling.fast_sam import FastLinear, enable_fast_linear, enable_fast_sam
+
+    originals = {id(m) for m in model.modules() if "_rsrefseg_original_class" in m.__dict__}
+    towers = {id(t) for t in _towers(model) if "_rsrefseg_original_attn" in t.__dict__}
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    info = {"fast_sam_layers": enable_fast_sam(model), "fast_linear_layers": enable_fast_linear(model),
+            "fast_attention_models": enable_fast_attention(model)}
+    try:
+        yield info
+    finally:
+        for module in model.modules():
+            if id(module) not in originals and "_rsrefseg_original_class" in module.__dict__:
+                module.__class__ = module.__dict__.pop("_rsrefseg_original_class")
+        for module in linears:
+            if type(module) is FastLinear:
+                module.__class__ = nn.Linear
+        for tower in _towers(model):
+            if id(tower) not in towers:
+                disable_fast_attention(tower)

@@ -194,11 +194,21 @@ class RSRefSeg(nn.Module):
             local_activation=act.local_map,
         )
 
-    def forward(self, pixel_values: torch.Tensor, texts: list[str]) -> RSRefSegOutput:
-        """``B x 3 x S x S`` images in [0, 255] and ``B`` expressions -> :class:`RSRefSegOutput`."""
-        if len(texts) != pixel_values.shape[0]:
+    def forward(
+        self, pixel_values: torch.Tensor, texts: list[str], image_index: torch.Tensor | None = None
+    ) -> RSRefSegOutput:
+        """``B x 3 x S x S`` images in [0, 255] and ``T`` expressions -> :class:`RSRefSegOutput`.
+
+        Without ``image_index`` expression i is on image i (``T == B``); with it (``T`` indices into
+        the ``B`` images) each image is encoded once and decoded for each of its expressions.
+        """
+        if image_index is None and len(texts) != pixel_values.shape[0]:
             raise ValueError(f"{pixel_values.shape[0]} images but {len(texts)} expressions")
-        return self.decode(self.encode_image(pixel_values), self.encode_text(texts))
+        if image_index is not None and len(texts) != image_index.shape[0]:
+            raise ValueError(f"{len(texts)} expressions but {image_index.shape[0]} image indices")
+        image = self.encode_image(pixel_values)
+        index = image_index.to(image.sam.device) if image_index is not None else None
+        return self.decode(image, self.encode_text(texts), index)
 
     # ------------------------------------------------------------------ trained part
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

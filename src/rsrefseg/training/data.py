@@ -4,6 +4,9 @@
   across processes like ``DistributedSampler`` (padding by repeating the first indices), and can
   start at any batch of the epoch: a resumed run sees exactly the batches an uninterrupted run sees.
   It yields ``(index, aug_seed)`` pairs, so augmentation does not depend on worker RNG states.
+  With ``per_image > 1`` (``data.expressions_per_image``) it permutes groups of up to that many
+  expressions of the same image instead of single records; a group is contiguous in the epoch's
+  order and shares one augmentation seed (the same flips for all its expressions).
 - :class:`AugmentedView` applies seeded flips (with word rewriting) to the model-size sample.
 - :class:`CachedDataset` stores every image resized to ``S x S`` once (uint8 ``.npy``, one row per
   image) plus the model-size masks (bit-packed), so an epoch reads memory instead of decoding JPEGs.
@@ -15,7 +18,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +39,45 @@ class EpochBatchSampler:
 
     Args:
         n: dataset length.
-        batch_size: samples per batch on this process.
+        batch_size: samples (expressions) per batch on this process.
         seed: run seed.
         shuffle: permute per epoch (else the natural order).
         rank, world_size: this process and the number of processes (shards of equal length).
+        image_keys: the image of each record (e.g. its file name); needed when ``per_image > 1``.
+        per_image: group up to this many expressions of one image (1 = records one by one).
+
+    Grouped order (``per_image > 1``): each image's records are permuted and cut into groups of at
+    most ``per_image``; the groups are permuted and laid out one after the other, each with one
+    augmentation seed for all its records; batches are consecutive runs of ``batch_size`` records
+    of that order (a group may straddle two batches). Every record is still visited once per
+    epoch, and each process takes a contiguous part of the (padded) order, so groups stay together.
     """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        image_keys: Sequence[Hashable] | None = None,
+        per_image: int = 1,
     ) -> None:
         if n <= 0:
             raise ValueError("EpochBatchSampler needs a non-empty dataset")
+        if per_image > 1 and (image_keys is None or len(image_keys) != n):
+            raise ValueError("grouped sampling (per_image > 1) needs one image key per record")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
+        self.per_image = max(1, per_image)
+        self.images: list[np.ndarray] = []  # record indices of each image, in order of first appearance
+        if self.per_image > 1:
+            assert image_keys is not None
+            by_key: dict[Hashable, list[int]] = {}
+            for index, key in enumerate(image_keys):
+                by_key.setdefault(key, []).append(index)
+            self.images = [np.asarray(indices) for indices in by_key.values()]
         self.epoch = 0
         self.start_batch = 0
 
@@ -68,12 +97,29 @@ class EpochBatchSampler:
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """This process's ``(indices, aug_seeds)`` for ``epoch``, each of length :attr:`per_rank`."""
         rng = np.random.default_rng([self.seed, epoch])
+        if self.per_image > 1:
+            return self._grouped_order(rng)
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         seeds = rng.integers(0, 2**31 - 1, size=self.n)  # one augmentation seed per position
         total = self.per_rank * self.world_size
         padded = np.resize(order, total)  # repeats the first indices (DistributedSampler padding)
         pad_seeds = np.resize(seeds, total)
         return padded[self.rank :: self.world_size], pad_seeds[self.rank :: self.world_size]
+
+    def _grouped_order(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The grouped order (see the class docstring) and this process's contiguous part of it."""
+        groups: list[np.ndarray] = []
+        for indices in self.images:
+            indices = rng.permutation(indices) if self.shuffle else indices
+            groups += [indices[lo : lo + self.per_image] for lo in range(0, len(indices), self.per_image)]
+        picked = rng.permutation(len(groups)) if self.shuffle else np.arange(len(groups))
+        group_seeds = rng.integers(0, 2**31 - 1, size=len(groups))  # one augmentation seed per group
+        order = np.concatenate([groups[g] for g in picked])
+        seeds = np.concatenate([np.full(len(groups[g]), group_seeds[k]) for k, g in enumerate(picked)])
+        total = self.per_rank * self.world_size
+        padded, pad_seeds = np.resize(order, total), np.resize(seeds, total)  # pad with the first records
+        lo = self.rank * self.per_rank
+        return padded[lo : lo + self.per_rank], pad_seeds[lo : lo + self.per_rank]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         indices, seeds = self.epoch_order(self.epoch)

@@ -104,8 +104,13 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         if p.requires_grad:
             (no_decay if o.no_decay_1d and p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach: one fused update over all tensors (the per-tensor loop costs ~0.1 s a step on a CPU).
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
+    groups = [g for g in groups if g["params"]]
+    # fused: one kernel for the whole update (CPU and CUDA); tiny on a CPU: 4 ms a step against
+    # 10-14 ms for foreach (and ~0.1 s for the per-tensor loop). foreach where fused is unsupported.
+    try:
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, foreach=True)
 
 
 def oom_message(config: TrainConfig, mcfg: RSRefSegConfig) -> str:
@@ -144,6 +149,7 @@ def write_final_report(config: TrainConfig, net: Any, accelerator: Any, state: A
     from rsrefseg.checkpoint import load_into
     from rsrefseg.evaluation import SwappedTextView, evaluate, evaluate_baselines, swap_control
     from rsrefseg.metrics import format_table
+    from rsrefseg.modeling.optimize import fast_kernels
     from rsrefseg.training.report import markdown_table, write_report
 
     report_dir = Path(config.work_dir) / "report"
@@ -163,14 +169,16 @@ def write_final_report(config: TrainConfig, net: Any, accelerator: Any, state: A
     if (ckpt_root / "best").is_dir():
         load_into(net, ckpt_root / "best")
     swapped = SwappedTextView(val_ds)
-    if best is not None and len(swapped) > 0:
-        # Control: each expression swapped for one of the same image that refers to another target.
-        # The same numbers as with the true expressions = the model ignores the text.
-        control = swap_control(net, swapped, evaluate(net, val_ds, config.val_batch_size).rows, config.val_batch_size)
-        rows["control: best, true expressions (swappable samples)"] = control["true_expressions"]
-        rows["control: best, expression swapped within the image"] = control["swapped_expressions"]
-    if config.report_overlays > 0:
-        _overlays(net, val_base, report_dir / "overlays", config.report_overlays, accelerator.device)
+    with fast_kernels(net):  # as `rsrefseg eval`
+        if best is not None and len(swapped) > 0:
+            # Control: each expression swapped for one of the same image that refers to another target.
+            # The same numbers as with the true expressions = the model ignores the text.
+            true_rows = evaluate(net, val_ds, config.val_batch_size).rows
+            control = swap_control(net, swapped, true_rows, config.val_batch_size)
+            rows["control: best, true expressions (swappable samples)"] = control["true_expressions"]
+            rows["control: best, expression swapped within the image"] = control["swapped_expressions"]
+        if config.report_overlays > 0:
+            _overlays(net, val_base, report_dir / "overlays", config.report_overlays, accelerator.device)
     info = {
         "preset": config.model.preset,
         "work_dir": config.work_dir,

@@ -24,8 +24,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from rsrefseg.data.datasets import collate_fn
+from rsrefseg.data.grouping import collate_grouped
 from rsrefseg.errors import RSRefSegError
 from rsrefseg.evaluation import evaluate
+from rsrefseg.modeling.checkpointing import enable_gradient_checkpointing
+from rsrefseg.modeling.optimize import fast_kernels
 from rsrefseg.training.data import AugmentedView, EpochBatchSampler
 from rsrefseg.training.losses import activation_loss, segmentation_loss
 from rsrefseg.training.schedule import make_schedule, make_scheduler, steps_per_epoch
@@ -72,9 +75,15 @@ class LossModule(torch.nn.Module):
         self.model, self.bce_weight, self.dice_weight = model, bce_weight, dice_weight
         self.activation_weight = activation_weight
 
-    def forward(self, pixel_values: torch.Tensor, texts: list[str], target: torch.Tensor) -> torch.Tensor:
-        """``B x 3 x S x S`` images in [0, 255], ``B`` expressions, ``B x 1 x S x S`` labels -> loss."""
-        out = self.model(pixel_values, texts)
+    def forward(self, pixel_values: torch.Tensor, texts: list[str], target: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """``B x 3 x S x S`` images in [0, 255], ``T`` expressions, ``T x 1 x S x S`` labels -> loss.
+
+        ``image_index`` (``T``): the image of each expression (grouped batches: each image encoded
+        once); None = expression i on image i (``T == B``). The loss is the mean over the ``T``
+        expressions either way.
+        """
+        out = self.model(pixel_values, texts, image_index)
         loss, _ = segmentation_loss(out.mask_logits, target, self.bce_weight, self.dice_weight)
         if self.activation_weight > 0:
             loss = loss + self.activation_weight * activation_loss(out.global_activation, target)
@@ -186,11 +195,16 @@ def _train(
     model = build_from_preset(config.model.preset, base=config.model.base, clip=config.model.clip,
                               sam=config.model.sam, random_init=config.model.random_init, **config.model.overrides)
     model.train()
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     set_seed(config.seed + accelerator.process_index)  # distinct dropout per process
     net = model  # the RSRefSeg itself: saved, validated and reported
     optimizer = build_optimizer(net, config)
+    grouped = config.data.expressions_per_image > 1
     sampler = EpochBatchSampler(len(train_ds), config.batch_size, config.seed, True,
-                                accelerator.process_index, accelerator.num_processes)
+                                accelerator.process_index, accelerator.num_processes,
+                                image_keys=[r.file_name for r in train_ds.records] if grouped else None,
+                                per_image=config.data.expressions_per_image)
     steps_epoch = steps_per_epoch(len(sampler), config.grad_accum)
     s = config.schedule
     schedule = make_schedule(s.epochs, steps_epoch, s.warmup_epochs, s.warmup_steps, s.start_factor, s.min_factor)
@@ -232,8 +246,9 @@ def _train(
 
     def validate() -> dict[str, Any]:
         nonlocal last_metrics
-        result = evaluate(net, val_ds, config.val_batch_size, accelerator, config.num_workers,
-                          progress=config.progress, desc="val")
+        with fast_kernels(net):  # the kernels of `rsrefseg eval` (LoRA unmerged), then the training ones
+            result = evaluate(net, val_ds, config.val_batch_size, accelerator, config.num_workers,
+                              progress=config.progress, desc="val")
         summary = {k: result.metrics[k] for k in SUMMARY_KEYS if k in result.metrics}
         done = state.epoch + state.batch_in_epoch / len(sampler)  # epochs completed (fractional if mid-epoch)
         state.history.append({"epoch": done, "step": state.global_step, **summary})
@@ -278,7 +293,8 @@ def _train(
         for epoch in range(state.epoch, s.epochs if stopped_by == "done" else state.epoch):
             state.epoch = epoch
             sampler.set_epoch(epoch, state.batch_in_epoch)
-            loader = DataLoader(view, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,
+            loader = DataLoader(view, batch_sampler=sampler, collate_fn=collate_grouped if grouped else collate_fn,
+                                num_workers=config.num_workers,
                                 generator=torch.Generator())  # the global RNG is never consumed here
             batches = iter(loader)
             n_batches = len(sampler)
@@ -292,8 +308,10 @@ def _train(
                         sync = contextlib.nullcontext() if k == group - 1 else accelerator.no_sync(model)
                         with sync:
                             with accelerator.autocast():
+                                index = batch.get("image_index")  # grouped: U images, T expressions
                                 loss = model(batch["pixel_values"].to(accelerator.device).float(), batch["text"],
-                                             batch["mask"].to(accelerator.device))
+                                             batch["mask"].to(accelerator.device),
+                                             None if index is None else index.to(accelerator.device))
                             accelerator.backward(loss / group)
                         total += loss.detach() / group
                     if config.grad_clip:

@@ -75,6 +75,10 @@ class DataSection:
     max_train_samples: int | None = None
     # Use only the first N validation records (None = all).
     max_val_samples: int | None = None
+    # Group up to K expressions of the same image in a batch: the image encoders run once per image
+    # of the batch, the text encoder and the head once per expression (1 = off, records one by one).
+    # batch_size still counts expressions and the loss is the same mean over them.
+    expressions_per_image: int = 1
 
 
 @dataclass
@@ -145,6 +149,9 @@ class TrainConfig:
     grad_accum: int = 1
     # Clip the global gradient norm to this value (None or 0 = no clipping).
     grad_clip: float | None = 1.0
+    # Recompute the SAM image encoder's and the CLIP/SigLIP towers' layers in the backward pass
+    # instead of keeping their activations (less memory, one more encoder forward; same gradients).
+    gradient_checkpointing: bool = False
     # "auto" (bf16 autocast on a GPU that supports it, else no), "no", "bf16" or "fp16".
     mixed_precision: str = "auto"
     # Seed of the model init, data order, augmentation and dropout (runs are reproducible).
@@ -179,6 +186,8 @@ class TrainConfig:
         """Raise :class:`ConfigError` for impossible values."""
         checks = [
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.data.expressions_per_image >= 1,
+             f"data.expressions_per_image must be >= 1, got {self.data.expressions_per_image}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.schedule.epochs >= 1, f"schedule.epochs must be >= 1, got {self.schedule.epochs}"),
             (self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}"),
