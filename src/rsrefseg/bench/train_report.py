@@ -39,9 +39,9 @@ def _derived_lines(entry: dict[str, Any]) -> list[str]:
             continue
         time = (f"step time {c['time_ratio_min']:.2f}x ({c['time_ratio_median']:.2f}x median), measured"
                 if "time_ratio_min" in c else "step time not measured")
-        lines.append(f"  checkpointing at batch {batch}: peak memory -{100 * c['memory_reduction']:.0f}% "
+        lines.append(f"  checkpointing at batch {batch}: peak memory {-100 * c['memory_reduction']:+.0f}% "
                      f"({_g(c['peak_bytes'], '.1f')} -> {_g(c['peak_ckpt_bytes'], '.1f')} GiB; {c['memory_basis']}), "
-                     f"activations -{100 * c['activations_reduction']:.0f}%; {time}; executed FLOPs "
+                     f"activations {-100 * c['activations_reduction']:+.0f}%; {time}; executed FLOPs "
                      f"{c['flop_ratio']:.2f}x")
     for key, row in (entry["derived"].get("grouped") or {}).items():
         label = "without" if key == "plain" else "with"
