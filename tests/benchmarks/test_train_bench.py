@@ -155,7 +155,9 @@ def test_smoke_train_section(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         m = item["measured"]
         assert m["min_s"] > 0 and m["gflop"] > 0 and m["share_of_roofline_at_min"] > 0
         assert m["memory"]["steps_peak_rss_bytes"] > m["memory"]["activations_bytes"] > 0
-        assert abs(m["memory"]["activations_bytes"] - item["trace"]["activations_bytes"]) <= 64
+        # exact without checkpointing; with it the order in which recomputed tensors die varies a little
+        tolerance = 0.05 * item["trace"]["activations_bytes"] if item["checkpointing"] else 64
+        assert abs(m["memory"]["activations_bytes"] - item["trace"]["activations_bytes"]) <= tolerance
         assert m["gflop"] == pytest.approx(item["trace"]["gflop"], rel=1e-9)
     assert tiny["derived"]["checkpointing"]["2"]["time_basis"] == "measured"
     assert tiny["derived"]["grouped"]["plain"]["basis"] == "measured"
