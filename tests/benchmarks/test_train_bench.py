@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from rsrefseg.bench import train_bench
 from rsrefseg.bench.train_derive import checkpointing_at, derive, grouped, train_checks
 from rsrefseg.bench.train_fit import CUDA_OVERHEAD, MARGIN, gpu_fit
 from rsrefseg.cli.main import main
+from rsrefseg.errors import ConfigError
 
 GIB = 2**30
 
@@ -166,3 +168,23 @@ def test_smoke_train_section(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert len(names) == 3 and all(c["value"] is not None for c in report["targets"]["checks"])
     assert sum(n.startswith("gradient checkpointing") for n in names) == 2
     assert sum(n.startswith("grouped expressions") for n in names) == 1
+
+
+def test_trace_cache_reuses_and_rejects_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rsrefseg.bench.train_trace as train_trace
+
+    calls = []
+    monkeypatch.setattr(train_trace, "trace_step", lambda *a: calls.append(a) or {"activations_bytes": len(calls)})
+    path = tmp_path / "traces.json"
+    cache = train_bench.TraceCache(str(path))
+    assert cache.trace("tiny", 2, 1, True, "bf16") == {"activations_bytes": 1}
+    again = train_bench.TraceCache(str(path))  # a later run reads the file
+    assert again.trace("tiny", 2, 1, True, "bf16") == {"activations_bytes": 1}
+    assert again.trace("tiny", 2, 1, False, "bf16") == {"activations_bytes": 2}  # another configuration
+    assert calls == [("tiny", 2, 1, True, "bf16"), ("tiny", 2, 1, False, "bf16")]
+    assert (again.hits, again.misses) == (1, 1)
+    for text, message in (("{", "not a readable trace cache (JSONDecodeError)"),
+                          ('{"x": 1}', "not a trace cache (no 'traces' object)")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train_bench.TraceCache(str(path))

@@ -185,13 +185,18 @@ class _Planner:
 
 def bench_train(presets: tuple[str, ...] = FULL_PRESETS, reps: int = 2, threads: int | None = None,
                 probe: int = 4096, budget_min: float = 30.0, gpu_batches: tuple[int, ...] = (1, 2, 4, 8, 16),
-                smoke: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                smoke: bool = False, log: Callable[[str], None] = print,
+                trace_cache: str | None = None) -> dict[str, Any]:
     """The training section (see the module docstring); a JSON-serialisable dict.
 
     ``budget_min``: wall-time budget of the measured steps (the traces come first and are not counted).
+    ``trace_cache``: a JSON file keeping the traces (:class:`TraceCache`).
     """
     from rsrefseg.bench.train_fit import gpu_fit
-    from rsrefseg.bench.train_trace import recipe, trace_step
+    from rsrefseg.bench.train_trace import recipe
+
+    traces = TraceCache(trace_cache)
+    trace_step = traces.trace
 
     started = time.monotonic()
     section: dict[str, Any] = {
@@ -219,6 +224,7 @@ def bench_train(presets: tuple[str, ...] = FULL_PRESETS, reps: int = 2, threads:
                 log(f"[train {preset}] trace {key} (fake tensors, bf16 autocast)")
                 entry["gpu_traces"][key] = trace_step(preset, batch, 1, ckpt, "bf16")
     section["trace_wall_s"] = time.monotonic() - started
+    section["trace_cache"] = {"path": trace_cache, "reused": traces.hits, "traced": traces.misses}
     # 2. measured steps
     planner = _Planner(budget_min * 60.0, reps)
     item_of = {(p, c["key"]): section["presets"][p]["configs"][c["key"]] for p, c in todo}
@@ -270,6 +276,56 @@ def _measure(preset: str, cfg: dict[str, Any], item: dict[str, Any], planner: _P
         f"GiB (traced {trace['activations_bytes'] / GIB:.2f})")
 
 
+class TraceCache:
+    """Traces kept in a JSON file between runs (they take minutes and need no lock: nothing is measured).
+
+    Entries are keyed by the configuration and the versions of rsrefseg, torch and transformers; delete
+    the file after changing the model code. A file that is not such a cache is a ConfigError.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path, self.entries, self.hits, self.misses = path, {}, 0, 0
+        if path and os.path.exists(path):
+            from rsrefseg.errors import ConfigError
+
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"{path}: not a readable trace cache ({type(exc).__name__})") from None
+            if not isinstance(data, dict) or not isinstance(data.get("traces"), dict):
+                raise ConfigError(f"{path}: not a trace cache (no 'traces' object)")
+            self.entries = data["traces"]
+
+    @staticmethod
+    def _key(preset: str, images: int, per_image: int, checkpointing: bool, precision: str) -> str:
+        import torch
+        import transformers
+
+        from rsrefseg import __version__
+
+        return (f"{preset}|images={images}|per_image={per_image}|checkpointing={checkpointing}|{precision}|"
+                f"rsrefseg {__version__}|torch {torch.__version__}|transformers {transformers.__version__}")
+
+    def trace(self, preset: str, images: int, per_image: int = 1, checkpointing: bool = False,
+              precision: str = "fp32") -> dict[str, Any]:
+        """:func:`rsrefseg.bench.train_trace.trace_step`, from the file when it holds the entry."""
+        from rsrefseg.bench.train_trace import trace_step
+
+        key = self._key(preset, images, per_image, checkpointing, precision)
+        if key in self.entries:
+            self.hits += 1
+            return dict(self.entries[key])
+        self.misses += 1
+        result = trace_step(preset, images, per_image, checkpointing, precision)
+        self.entries[key] = result
+        if self.path:
+            from rsrefseg.utils import atomic_write_json
+
+            atomic_write_json(self.path, {"traces": self.entries})
+        return result
+
+
 def _mem_total() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -288,6 +344,9 @@ def add_train_arguments(parser: Any) -> None:
     parser.add_argument("--train-presets", default=",".join(FULL_PRESETS), metavar="P,P",
                         help="presets of the training section (default rsrefseg-b,rsrefseg-l; --smoke: tiny)")
     parser.add_argument("--train-reps", type=int, default=2, help="timed training steps after the warm-up (default 2)")
+    parser.add_argument("--train-trace-cache", default=None, metavar="FILE",
+                        help="keep the traces in FILE and reuse them (they need no lock; e.g. trace ahead of a "
+                             "measured run)")
     parser.add_argument("--train-budget", type=float, default=30.0, metavar="MIN",
                         help="wall-time budget of the measured training steps in minutes (default 30): "
                              "repetitions are lowered, then configurations skipped (recorded as such)")
@@ -308,7 +367,7 @@ def train_options(args: Any) -> dict[str, Any] | None:
     if args.train_reps < 1 or args.train_budget <= 0:
         raise ConfigError("--train-reps must be >= 1 and --train-budget > 0")
     return {"only": bool(args.train_only), "presets": presets, "reps": int(args.train_reps),
-            "budget_min": float(args.train_budget)}
+            "budget_min": float(args.train_budget), "trace_cache": args.train_trace_cache}
 
 
 def train_section(options: dict[str, Any], smoke: bool, threads: int | None,
@@ -316,9 +375,9 @@ def train_section(options: dict[str, Any], smoke: bool, threads: int | None,
     """:func:`bench_train` with the suite's settings (``--smoke``: tiny, one repetition, small probe)."""
     if smoke:
         return bench_train(SMOKE_PRESETS, reps=1, threads=threads, probe=512, budget_min=options["budget_min"],
-                           gpu_batches=(1, 2, 4), smoke=True, log=log)
+                           gpu_batches=(1, 2, 4), smoke=True, log=log, trace_cache=options.get("trace_cache"))
     return bench_train(options["presets"], reps=options["reps"], threads=threads, budget_min=options["budget_min"],
-                       log=log)
+                       log=log, trace_cache=options.get("trace_cache"))
 
 
 def run_train_only(report: dict[str, Any], options: dict[str, Any], smoke: bool, threads: int | None,

@@ -19,6 +19,7 @@ def _bench(args: argparse.Namespace) -> int:
     if train is not None:
         command += ["--train-only" if train["only"] else "--train", "--train-presets", ",".join(train["presets"]),
                     "--train-reps", str(train["reps"]), "--train-budget", f"{train['budget_min']:g}"]
+        command += ["--train-trace-cache", train["trace_cache"]] if train["trace_cache"] else []
     run_suite(args.preset, args.reps, args.out, args.smoke, args.threads, args.bf16, args.memory, argv=command,
               agreement=agreement, train=train)
     return 0
