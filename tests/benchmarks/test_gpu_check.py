@@ -61,3 +61,19 @@ def test_cpu_dry_run_runs_every_phase(tmp_path: Path, shared_data: Path) -> None
     summary = (out / "summary.txt").read_text()
     assert summary.startswith("CPU dry run (tiny): NOT a GPU measurement") and "all phases ok" in summary
     assert summary in proc.stdout
+    # A second run into the same folder starts fresh runs (no "already holds checkpoints").
+    again = subprocess.run(["bash", str(SCRIPT), "--cpu-dry-run", "--steps", "6", "--out", str(out)],
+                           capture_output=True, text=True, timeout=900, env=_env(), check=False)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert json.loads((out / "gpu-check.json").read_text())["phases"]["train"]["steps"] == 6
+
+
+def test_dry_run_without_nwpu_fails_fast(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(SCRIPT), "--cpu-dry-run", "--out", str(out)], capture_output=True, text=True,
+                          timeout=120, env=_env(RSREFSEG_NWPU=str(tmp_path / "nowhere")), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: gpu-check: NWPU VHR-10 not found: no {tmp_path / 'nowhere' / 'images'} (set RSREFSEG_NWPU to its "
+        "folder or RSREFSEG_DATA to the shared data root)"]
+    assert not out.exists()

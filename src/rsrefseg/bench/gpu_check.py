@@ -27,6 +27,7 @@ import gc
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -177,6 +178,7 @@ def train_run(out: Path, opts: dict[str, Any], checkpointing: bool, peak_gflops:
             memory.append(int(torch.cuda.max_memory_allocated()))
         stamps.append(time.perf_counter())
 
+    shutil.rmtree(out / name, ignore_errors=True)  # this check's own run folder: a fresh run every time
     _free(device)
     _reset_accelerate()
     start = time.perf_counter()
@@ -207,6 +209,7 @@ def train_run(out: Path, opts: dict[str, Any], checkpointing: bool, peak_gflops:
 def evaluate(out: Path, opts: dict[str, Any], checkpoint: str) -> dict[str, Any]:
     from rsrefseg.paths import nwpu_root
 
+    shutil.rmtree(out / "eval", ignore_errors=True)
     start = time.perf_counter()
     _cli(["eval", "--checkpoint", checkpoint, "--data", str(out / "data" / "val.jsonl"), "--images",
           str(nwpu_root() / "images"), "--out", str(out / "eval"), "--batch-size", "8", "--overlays", "2",
@@ -223,6 +226,7 @@ def predict(out: Path, opts: dict[str, Any], checkpoint: str) -> dict[str, Any]:
 
     image = geotiff_root() / GEOTIFF
     texts = [x for t in EXPRESSIONS for x in ("--text", t)]
+    shutil.rmtree(out / "predict", ignore_errors=True)
     start = time.perf_counter()
     _cli(["predict", str(image), *texts, "--checkpoint", checkpoint, "--out", str(out / "predict"), "--device",
           opts["device"], "--precision", opts["precision"], "--quiet"])
@@ -355,6 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if dry:  # tiny ops on several OpenMP threads of a shared CPU wait for each other (10-100x slower)
         torch.set_num_threads(1)
+    from rsrefseg.paths import nwpu_root
+
+    root = nwpu_root()
+    missing = [p for p in (root / "images", root / "annotations" / "instances_train.json",
+                           root / "annotations" / "instances_val.json") if not p.exists()]
+    if missing:
+        print(f"error: gpu-check: NWPU VHR-10 not found: no {missing[0]} (set RSREFSEG_NWPU to its folder or "
+              "RSREFSEG_DATA to the shared data root)", file=sys.stderr)
+        return 2
     report = run_check(out, dry, args)
     return 0 if report["ok"] else 1
 
