@@ -41,6 +41,8 @@ START_MARGIN = 1.0 * GIB
 KILL_FLOOR = 0.6 * GIB
 #: Resident / traced-activation ratio assumed before any configuration of a preset was measured.
 DEFAULT_RSS_FACTOR = 1.25
+#: Version of the trace's accounting (part of the trace cache's keys).
+TRACE_VERSION = 2
 #: GFLOP/s assumed for time estimates before any full-size step was measured.
 DEFAULT_RATE = 50.0
 
@@ -305,7 +307,8 @@ class TraceCache:
         from rsrefseg import __version__
 
         return (f"{preset}|images={images}|per_image={per_image}|checkpointing={checkpointing}|{precision}|"
-                f"rsrefseg {__version__}|torch {torch.__version__}|transformers {transformers.__version__}")
+                f"trace v{TRACE_VERSION}|rsrefseg {__version__}|torch {torch.__version__}|"
+                f"transformers {transformers.__version__}")
 
     def trace(self, preset: str, images: int, per_image: int = 1, checkpointing: bool = False,
               precision: str = "fp32") -> dict[str, Any]:

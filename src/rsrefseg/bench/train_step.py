@@ -8,7 +8,7 @@ optimizer of :func:`rsrefseg.training.setup.build_optimizer`, gradient checkpoin
 ``U`` images with ``K`` expressions each (``K = 1``: ungrouped pairs):
 ``LossModule`` forward, backward, gradient clip (if the recipe clips), AdamW step, ``zero_grad``.
 
-1. a warm-up step, instrumented: FLOPs (``torch.utils.flop_counter``, :mod:`rsrefseg.bench.flops`)
+1. a warm-up step, instrumented: FLOPs (:func:`rsrefseg.bench.train_trace.count_step_flops`)
    and the peak of live tensor storage of forward + backward
    (:class:`rsrefseg.bench.train_trace.StorageTracker`); it also creates AdamW's state;
 2. the kernel's resident high-water mark is reset (``/proc/self/clear_refs``);
@@ -62,10 +62,15 @@ def child(preset: str, images: int, per_image: int, checkpointing: bool, reps: i
 
     import rsrefseg.build  # noqa: F401
     from rsrefseg.bench.cpu import _roof, rounds
-    from rsrefseg.bench.flops import count_flops
     from rsrefseg.bench.memory import _hwm_bytes, _reset_hwm, _rss_bytes
     from rsrefseg.bench.roofline import matmul_probe
-    from rsrefseg.bench.train_trace import StorageTracker, parameter_bytes, step_inputs, storage_keys
+    from rsrefseg.bench.train_trace import (
+        StorageTracker,
+        count_step_flops,
+        parameter_bytes,
+        step_inputs,
+        storage_keys,
+    )
     from rsrefseg.modeling.fast_sam import onednn_linear_supported
 
     baseline = _rss_bytes()
@@ -98,7 +103,7 @@ def child(preset: str, images: int, per_image: int, checkpointing: bool, reps: i
             forward_backward()
 
     start = time.perf_counter()
-    flops = count_flops(instrumented)  # the warm-up step
+    flops = count_step_flops(instrumented)  # the warm-up step
     update()
     warmup_s = time.perf_counter() - start
     state = sum(t.untyped_storage().nbytes() for s in optimizer.state.values() for t in s.values()
