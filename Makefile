@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   - set up .venv, generate the NWPU referring set, train tiny on CPU (<=15 min), evaluate, predict"
 	@echo "make test   - set up .venv and run ruff + the test suite"
-	@echo "make bench  - benchmark suite (writes bench.json; with the bf16 agreement check after make demo)"
+	@echo "make bench  - benchmark suite incl. training (writes bench.json; with the bf16 agreement check after make demo)"
 	@echo "make qgis-plugin - build dist/rsrefseg_qgis.zip (QGIS: Plugins > Install from ZIP)"
 
 $(STAMP): pyproject.toml
@@ -42,10 +42,10 @@ bench: $(STAMP)
 	@if [ -f "$(DEMO_CKPT)/config.json" ]; then \
 		images="$$($(BIN)/python -c 'from rsrefseg.paths import nwpu_root; print(nwpu_root() / "images")')"; \
 		set -x; $(BIN)/rsrefseg bench --out bench.json --agreement "$(DEMO_CKPT)" \
-			--agreement-data "$(DEMO_DIR)/data/val.jsonl" --agreement-images "$$images"; \
+			--agreement-data "$(DEMO_DIR)/data/val.jsonl" --agreement-images "$$images" --train; \
 	else \
 		echo "(no $(DEMO_CKPT): run make demo first to include the bf16 agreement check)"; \
-		set -x; $(BIN)/rsrefseg bench --out bench.json; \
+		set -x; $(BIN)/rsrefseg bench --out bench.json --train; \
 	fi
 
 # The QGIS plugin as an installable zip (standard library only; no venv needed).

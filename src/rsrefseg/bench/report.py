@@ -133,6 +133,10 @@ def format_table(report: dict[str, Any]) -> str:
                 lines.append(f"  {k:<30} issue {v['issue_gflop']:>5.0f} GFLOP {v['issue_s']:>6.2f} s   measured "
                              f"{v['measured_gflop_stock_counter']:>5.0f} GFLOP (+attention {v['measured_gflop_with_attention']:.0f})"
                              f" {v['measured_min_s']:.2f}/{v['measured_median_s']:.2f} s")
+    if "train" in report:
+        from rsrefseg.bench.train_report import format_train
+
+        lines += ["", format_train(report["train"])]
     gpu = report.get("gpu", {})
     lines += ["", f"gpu: {gpu.get('status')}"]
     if gpu.get("status") == "measured":

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the issue: the tiny demo model on NWPU val, IoU >= 0.98)")
     parser.add_argument("--agreement-data", metavar="JSONL", default=None, help="records for --agreement (e.g. the demo's val.jsonl)")
     parser.add_argument("--agreement-images", metavar="DIR", default=None, help="image folder of --agreement-data")
+    from rsrefseg.bench.train_bench import add_train_arguments
+
+    add_train_arguments(parser)  # --train, --train-only, ...
 
 
 def _check(name: str, value: float | None, target: float, higher_is_better: bool, **extra: Any) -> dict[str, Any]:
@@ -103,11 +106,13 @@ def run_suite(
     argv: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
     agreement: tuple[str, str, str] | None = None,
+    train: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the suite and return the report (also written to ``out`` and printed as a table).
 
     The torch thread count is restored afterwards (``threads`` only applies to this run).
     ``agreement``: ``(checkpoint, jsonl, images)`` of a trained model to compare bf16 and fp32 masks on.
+    ``train``: options of the training section (:func:`rsrefseg.bench.train_bench.train_options`).
     """
     import torch  # here, not at the top: `rsrefseg --help` registers this module's arguments without torch
 
@@ -120,14 +125,14 @@ def run_suite(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(preset, reps, out, smoke, bf16, memory, threads, argv, log, agreement)
+        return _run(preset, reps, out, smoke, bf16, memory, threads, argv, log, agreement, train)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool, memory: bool,
          threads: int | None, argv: Sequence[str] | None, log: Callable[[str], None],
-         agreement: tuple[str, str, str] | None = None) -> dict[str, Any]:
+         agreement: tuple[str, str, str] | None = None, train: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
     from rsrefseg.bench.cpu import bench_model
@@ -143,6 +148,10 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
     report: dict[str, Any] = {"meta": meta, "settings": {"preset": preset, "reps": reps, "warmup": 1,
                                                          "smoke": smoke, "bf16": bf16, "memory": memory,
                                                          "threads": torch.get_num_threads()}}
+    if train is not None and train["only"]:
+        from rsrefseg.bench.train_bench import run_train_only
+
+        return run_train_only(report, train, smoke, threads, log, lambda r: _save(r, out))
     log("roofline (torch.mm)")
     sizes = [512, 1024] if smoke else [2048, 3072, 4096]
     roof = roofline(sizes, reps=max(reps, 1 if smoke else 3))
@@ -154,6 +163,10 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
     for name in presets if memory else []:
         log(f"[{name}] peak memory (fresh subprocess)")
         memories[name] = measure_memory(name, threads)
+    if train is not None:  # its children too start while this process holds no model
+        from rsrefseg.bench.train_bench import train_section
+
+        report["train"] = train_section(train, smoke, threads, log)
     report["models"] = {}
     for name in presets:
         result = bench_model(name, reps, probe_size=1024 if smoke else 4096, bf16=bf16, log=log)
@@ -162,6 +175,7 @@ def _run(preset: str, reps: int, out: str | Path | None, smoke: bool, bf16: bool
         report["models"][name] = result
     main = presets[0]
     report["targets"] = {"preset": main, "checks": evaluate_targets(report["models"][main])}
+    report["targets"]["checks"] += report.get("train", {}).get("checks", [])
     if main == "rsrefseg-b":
         report["issue_check"] = issue_check(roof, report["models"][main])
     if smoke:
@@ -197,8 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     run_suite(args.preset, args.reps, args.out, args.smoke, args.threads, args.bf16, args.memory,
-              argv=["bench", *(argv if argv is not None else sys.argv[1:])], agreement=agreement_args(args))
+              argv=["bench", *(argv if argv is not None else sys.argv[1:])], agreement=agreement_args(args),
+              train=train_options(args))
     return 0
+
+
+def train_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The training section's options (``--train*``), or None."""
+    from rsrefseg.bench.train_bench import train_options as options
+
+    return options(args)
 
 
 def agreement_args(args: argparse.Namespace) -> tuple[str, str, str] | None:
