@@ -30,7 +30,7 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 
 def gemm_kinds(dtype: torch.dtype, device: str = "cpu") -> list[str]:
     """The GEMM kinds (keys of :data:`GEMM_KINDS`) that exist for ``dtype`` on ``device``."""
-    from rsrefseg.modeling.fast_sam import onednn_linear_supported
+    from rsrefseg.modeling.fast_linear import onednn_linear_supported
 
     kinds = ["", "mm_bt"]
     if device == "cpu" and onednn_linear_supported(dtype):

@@ -68,7 +68,7 @@ def bf16_cpu_support() -> str:
     - ``"native"``: ``avx512_bf16``/``amx_bf16`` on x86, or any CPU whose flags are not x86 (arm64
       with oneDNN bf16 support).
     """
-    from rsrefseg.modeling.fast_sam import onednn_linear_supported
+    from rsrefseg.modeling.fast_linear import onednn_linear_supported
 
     if not onednn_linear_supported(torch.bfloat16):
         return "none"
