@@ -231,3 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         atomic_write_json(args.out, result)
     return 0
+
+
+if __name__ == "__main__":  # python -m rsrefseg.bench.profile
+    import os
+    import sys
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
