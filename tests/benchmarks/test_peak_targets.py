@@ -69,7 +69,8 @@ def test_round_roofline_is_the_best_kind() -> None:
 def test_affordable_sizes() -> None:
     assert affordable([2048, 3072, 4096], 150.0) == [2048, 3072, 4096]
     assert affordable([2048, 3072, 4096], 10.0) == [2048]  # 1.7 s; 3072 would be 5.8 s
-    assert affordable([2048, 3072, 4096], 0.5) == [2048]  # at least one size
+    assert affordable([2048, 3072, 4096], 1.0) == [1024]  # bf16 without bf16 kernels: smaller
+    assert affordable([2048, 3072, 4096], 0.01) == [512]  # at least the calibration size
 
 
 def _model(speedup: float | None, ceiling: float) -> dict[str, Any]:

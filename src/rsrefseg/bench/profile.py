@@ -142,7 +142,7 @@ def profile_first_expression(preset: str = "rsrefseg-b", precision: str = "fp32"
 
     model, _ = build_fast(preset)
     if precision != "fp32":
-        optimize_for_inference(model, precision)
+        optimize_for_inference(model, precision, fallback=False)  # the real bf16 path, even where it is slow
     image = seeded_image(model.image_size)
     text = EXPRESSIONS[:1]
 

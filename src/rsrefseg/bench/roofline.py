@@ -88,9 +88,12 @@ def calibrate(dtype: torch.dtype, kind: str = "", device: str = "cpu") -> float:
 
 
 def affordable(sizes: list[int], gflops: float, budget_s: float = PROBE_BUDGET_S) -> list[int]:
-    """The sizes whose GEMM takes at most ``budget_s`` at ``gflops`` (at least the smallest one)."""
-    fits = [n for n in sizes if 2.0 * n**3 / 1e9 / max(gflops, 1e-9) <= budget_s]
-    return fits or [min(sizes)]
+    """The sizes whose GEMM takes at most ``budget_s`` at ``gflops``; when none does, the largest of
+    1024 and :data:`CALIBRATION_SIZE` that does (or the calibration size itself)."""
+    def fits(n: int) -> bool:
+        return 2.0 * n**3 / 1e9 / max(gflops, 1e-9) <= budget_s
+
+    return [n for n in sizes if fits(n)] or [next((n for n in (1024, CALIBRATION_SIZE) if fits(n)), CALIBRATION_SIZE)]
 
 
 def probe_size(dtype: torch.dtype, largest: int, device: str = "cpu", budget_s: float = PROBE_BUDGET_S) -> int:
