@@ -182,7 +182,7 @@ def test_clip_family_with_learnable_bias(family: str) -> None:
     assert dual.encode_image(tiny_images(1)).shape == (1, 40, 4, 4)
     from rsrefseg.modeling.optimize import optimize_for_inference
 
-    info = optimize_for_inference(model, "bf16")  # CLIP towers and projections bf16, head and bias fp32
+    info = optimize_for_inference(model, "bf16", fallback=False)  # CLIP towers and projections bf16, head and bias fp32
     assert "clip.model.visual_projection" in info["cast"] and model.clip.logit_bias.dtype is torch.float32
     with torch.inference_mode():
         low = model(tiny_images(2), ["the ship", "the largest harbor"])

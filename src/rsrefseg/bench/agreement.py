@@ -71,7 +71,8 @@ def precision_agreement(
     dataset = None
     for name in ("fp32", precision):
         model = load_checkpoint(checkpoint, device="cpu")
-        optimize_for_inference(model, name)
+        # the real bf16 numerics even where the library would keep fp32 (a CPU without bf16 kernels)
+        optimize_for_inference(model, name, fallback=False)
         if dataset is None:
             dataset = load_base(data, images, None, limit, "agreement", model.config.sam_image_size,
                                 model.config.resize_mode, False, ("--agreement-data", "--agreement-images"))

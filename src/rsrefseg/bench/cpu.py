@@ -11,15 +11,15 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from rsrefseg.bench.flops import count_flops
-from rsrefseg.bench.roofline import matmul_probe
+from rsrefseg.bench.roofline import probes, round_roofline
 from rsrefseg.bench.timing import CpuMonitor, scaled
-from rsrefseg.modeling.fast_sam import onednn_linear_supported
 
 #: The expressions of the benchmark (one image, several referring expressions).
 EXPRESSIONS = [
@@ -62,29 +62,27 @@ def rounds(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dic
     return out
 
 
-def _rate(timing: dict[str, Any], gflop: float, roof: dict[str, float] | None) -> dict[str, Any]:
-    """Add GFLOP/s and shares of the rooflines measured in the same rounds (min vs min, median vs median)."""
+def _rate(timing: dict[str, Any], gflop: float, roof: dict[str, Any] | None) -> dict[str, Any]:
+    """Add GFLOP/s and shares of the GEMMs measured in the same rounds (min vs min, median vs median).
+
+    ``share_of_roofline``: of the best GEMM (the roofline); ``share_of_torch_mm``: of ``torch.mm``
+    alone (the first suite's roofline, kept for comparison).
+    """
     out = dict(timing)
     out["gflop"] = gflop
     out["gflops_at_min"] = gflop / timing["min_s"]
     out["gflops_at_median"] = gflop / timing["median_s"]
+    r = roof or {}
     for at in ("min", "median"):
-        r = roof or {}
-        out[f"share_of_roofline_at_{at}"] = out[f"gflops_at_{at}"] / r[f"gflops_at_{at}"] if r else None
-        best = max(r.get(f"gflops_at_{at}", 0.0), r.get(f"onednn_gflops_at_{at}", 0.0))
-        out[f"share_of_best_roofline_at_{at}"] = out[f"gflops_at_{at}"] / best if best else None
+        best, mm = r.get(f"best_gflops_at_{at}", 0.0), r.get(f"gflops_at_{at}", 0.0)
+        out[f"share_of_roofline_at_{at}"] = out[f"gflops_at_{at}"] / best if best else None
+        out[f"share_of_torch_mm_at_{at}"] = out[f"gflops_at_{at}"] / mm if mm else None
     return out
 
 
-def _roof(timings: dict[str, Any], name: str, gflop: float) -> dict[str, float]:
-    """Pop the probe timings ``name`` (torch.mm) and ``name + "_onednn"`` (if run) into GFLOP/s."""
-    out = {"size_gflop": gflop}
-    for key, prefix in ((name, ""), (name + "_onednn", "onednn_")):
-        t = timings.pop(key, None)
-        if t is not None:
-            out[prefix + "gflops_at_min"] = gflop / t["min_s"]
-            out[prefix + "gflops_at_median"] = gflop / t["median_s"]
-    return out
+def _roof(timings: dict[str, Any], name: str, gflop: float) -> dict[str, Any]:
+    """Pop the probe timings ``name[_kind]`` into GFLOP/s (:func:`rsrefseg.bench.roofline.round_roofline`)."""
+    return round_roofline(timings, name, gflop)
 
 
 def build_fast(preset: str) -> tuple[Any, dict[str, Any]]:
@@ -144,8 +142,7 @@ def bench_model(
     texts = EXPRESSIONS[:batch]
     index = torch.zeros(len(texts), dtype=torch.long)
     # The fp32 probes are built once and run in both rounds (stages and pipelines).
-    mm32, g32 = matmul_probe(probe_size, torch.float32)
-    probes32 = {"roofline_fp32": mm32, "roofline_fp32_onednn": matmul_probe(probe_size, torch.float32, onednn=True)[0]}
+    probes32, g32 = probes("roofline_fp32", probe_size, torch.float32)  # every fp32 GEMM kind
     result: dict[str, Any] = {"preset": preset, **info, "image_size": model.image_size,
                               "clip_image_size": model.clip.image_size, "batch_expressions": len(texts)}
     with torch.inference_mode():
@@ -212,7 +209,7 @@ def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, na
                probes32: dict[str, Callable[[], Any]], g32: float, result: dict[str, Any],
                log: Callable[[str], None]) -> dict[str, Any]:
     """First / further / naive expressions (+ the bf16 path), side by side (with the fp32 probes)."""
-    from rsrefseg.modeling.optimize import optimize_for_inference
+    from rsrefseg.modeling.optimize import PrecisionFallbackWarning, optimize_for_inference
 
     index = torch.zeros(len(texts), dtype=torch.long)
     fns: dict[str, Callable[[], Any]] = {
@@ -222,19 +219,26 @@ def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, na
         "naive_per_expression": naive,
         **probes32,
     }
-    bf16_model = None
+    bf16_model, bf16_path = None, None
     if bf16:
+        bf16_path = _bf16_path(g["first_expression"], probe_size)
+        result["bf16_path"] = bf16_path
+        log(f"[{preset_of(model)}] bf16 path: {bf16_path['status']}")
+    if bf16_path is not None and bf16_path["timed"]:
         tokenizer = model.clip.tokenizer  # shared: tokenizers need not (and some cannot) be copied
         bf16_model = copy.deepcopy(model, memo={id(tokenizer): tokenizer})
-        optimize_for_inference(bf16_model, "bf16")  # the library's bf16 path: encoders bf16, head fp32
+        # the library's bf16 path (encoders bf16, head fp32); forced where the library keeps fp32
+        with warnings.catch_warnings():  # the report says what the library does (bf16_path)
+            warnings.simplefilter("ignore", PrecisionFallbackWarning)
+            optimize_for_inference(bf16_model, "bf16", fallback=False)
         feats16 = bf16_model.encode_image(image)
         fns["bf16_first_expression"] = lambda: bf16_model.decode(
             bf16_model.encode_image(image), bf16_model.encode_text(texts[:1]))
         fns["bf16_further_expression_batched"] = lambda: bf16_model.decode(
             feats16, bf16_model.encode_text(texts), image_index=index)
-        fns["roofline_bf16"], g16 = matmul_probe(probe_size, torch.bfloat16)
-        if onednn_linear_supported(torch.bfloat16):  # no oneDNN bf16 GEMM on AVX2-only CPUs
-            fns["roofline_bf16_onednn"] = matmul_probe(probe_size, torch.bfloat16, onednn=True)[0]
+    if bf16_path is not None:  # the bf16 GEMMs, sized to stay affordable where bf16 is slow
+        probes16, g16 = probes("roofline_bf16", bf16_path["probe_size"], torch.bfloat16)
+        fns.update(probes16)
     log(f"[{preset_of(model)}] timing pipelines ({reps} reps)")
     pt = rounds(fns, reps)
     result["contention"]["pipelines"] = pt.pop("_cpu")
@@ -257,9 +261,14 @@ def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, na
         "naive_over_further_batched_median": nv["median_s"] / b["median_s"],
         "first_over_further_single_min": first["min_s"] / pipe["further_expression_single"]["min_s"],
     }
-    if bf16_model is not None:
+    if bf16_path is not None:
         roof16 = _roof(pt, "roofline_bf16", g16)
         result["roofline_in_rounds"]["pipelines_bf16"] = roof16
+        # What bf16 can gain at most where everything is GEMM: the best bf16 GEMM over the best fp32
+        # GEMM, probed in the same rounds (below 1 on CPUs without native bf16).
+        for at in ("min", "median"):
+            ratios[f"bf16_gemm_ceiling_{at}"] = roof16[f"best_gflops_at_{at}"] / roof[f"best_gflops_at_{at}"]
+    if bf16_model is not None:
         pipe["bf16_first_expression"] = _rate(pt["bf16_first_expression"], g["first_expression"], roof16)
         pipe["bf16_further_expression_batched_per_expression"] = _rate(
             scaled(pt["bf16_further_expression_batched"], n), further_gflop, roof16)
@@ -267,14 +276,39 @@ def _pipelines(model: Any, image: torch.Tensor, texts: list[str], feats: Any, na
         ratios["bf16_speedup_first_median"] = first["median_s"] / pt["bf16_first_expression"]["median_s"]
         ratios["bf16_speedup_further_batched_min"] = (
             pt["further_expression_batched"]["min_s"] / pt["bf16_further_expression_batched"]["min_s"])
-        # What bf16 can gain at most where everything is GEMM: the best bf16 GEMM over the best fp32
-        # GEMM (oneDNN, which both paths' linears use), probed in the same rounds.
-        for at in ("min", "median"):
-            best16 = max(roof16.get(f"gflops_at_{at}", 0.0), roof16.get(f"onednn_gflops_at_{at}", 0.0))
-            best32 = max(roof.get(f"gflops_at_{at}", 0.0), roof.get(f"onednn_gflops_at_{at}", 0.0))
-            ratios[f"bf16_gemm_ceiling_{at}"] = best16 / best32
         pipe["bf16_agreement"] = _agreement(fns["first_expression"](), fns["bf16_first_expression"]())
     return pipe
+
+
+#: The bf16 pipelines are timed where the library keeps fp32 (no bf16 kernels) only when a first
+#: expression is estimated to take at most this long at the CPU's best bf16 GEMM rate.
+FORCED_BF16_BUDGET_S = 30.0
+
+
+def _bf16_path(first_gflop: float, largest_probe: int) -> dict[str, Any]:
+    """What ``--precision bf16`` does on this CPU, and whether the suite times it.
+
+    Returns ``{"support", "library", "timed", "status", "probe_size", "estimated_first_s"}``:
+    where the library falls back to fp32 (:func:`rsrefseg.modeling.optimize.bf16_cpu_support` is
+    ``"none"``) the real bf16 path is timed only when cheap (small presets), since it is a
+    model the library never runs there.
+    """
+    from rsrefseg.bench.roofline import calibrate, gemm_kinds, probe_size
+    from rsrefseg.modeling.optimize import bf16_cpu_support
+
+    support = bf16_cpu_support()
+    size = probe_size(torch.bfloat16, largest_probe)
+    out: dict[str, Any] = {"support": support, "probe_size": size,
+                           "library": "fp32 (falls back: no bf16 kernels)" if support == "none" else "bf16"}
+    if support != "none":
+        return {**out, "timed": True, "status": f"bf16 ({support})"}
+    best = max(calibrate(torch.bfloat16, kind) for kind in gemm_kinds(torch.bfloat16))
+    estimate = first_gflop / best
+    timed = estimate <= FORCED_BF16_BUDGET_S
+    status = ("bf16 forced (the library keeps fp32 on this CPU)" if timed else
+              f"not timed: the library keeps fp32 on this CPU (no bf16 kernels); forced bf16 would take "
+              f"~{estimate:.0f} s per first expression")
+    return {**out, "timed": timed, "status": status, "estimated_first_s": estimate}
 
 
 def preset_of(model: Any) -> str:

@@ -27,11 +27,31 @@ def _f(x: Any, fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def _roof_text(r: dict[str, float]) -> str:
-    text = f"{r['gflops_at_min']:.1f}/{r['gflops_at_median']:.1f}"
-    if "onednn_gflops_at_min" in r:
-        text += f", oneDNN {r['onednn_gflops_at_min']:.1f}/{r['onednn_gflops_at_median']:.1f}"
+def _roof_text(r: dict[str, Any]) -> str:
+    """``best X/Y (kind)`` and every GEMM kind's GFLOP/s at min / median of one round's probes."""
+    kinds = r.get("kinds") or {"torch.mm": r}
+    text = ", ".join(f"{label} {k['gflops_at_min']:.1f}/{k['gflops_at_median']:.1f}" for label, k in kinds.items())
+    if "best_gflops_at_min" in r:
+        text = f"best {r['best_gflops_at_min']:.1f}/{r['best_gflops_at_median']:.1f} ({r['best_kind_at_min']}); " + text
     return text
+
+
+def _peak_lines(peak: dict[str, Any] | None, best: dict[str, Any]) -> list[str]:
+    """The physical peak from the CPU's features, next to the best measured GEMMs."""
+    if not peak:
+        return []
+    fp32 = best.get("fp32", {}).get("gflops")
+    if peak.get("fp32_gflops"):
+        head = (f"physical peak (context): {peak['cores']} cores x {peak['fp32_flop_per_cycle_per_core']} fp32 FLOP/cycle "
+                f"({peak['fma_units']} x {peak['fma_width_bits']}-bit FMA, {peak['microarchitecture']}) x "
+                f"{peak['clock_ghz']:.2f} GHz = {peak['fp32_gflops']:.0f} GFLOP/s fp32")
+        if peak.get("bf16_gflops"):
+            head += f", {peak['bf16_gflops']:.0f} bf16"
+        if fp32:
+            head += f"; best fp32 GEMM = {100 * fp32 / peak['fp32_gflops']:.0f} % of it"
+    else:
+        head = f"physical peak (context): unknown for this CPU ({peak.get('cpu')})"
+    return [head, f"  ({peak.get('note')})"]
 
 
 def _pct(x: float | None) -> float | None:
@@ -57,43 +77,55 @@ def format_table(report: dict[str, Any]) -> str:
         f"RSRefSeg benchmark  {meta['date']}  torch {meta['torch']}  transformers {meta['transformers']}",
         f"command: {meta['command']}" + (f"  (suite wall time {meta['wall_s']:.0f} s)" if "wall_s" in meta else ""),
         f"cpu: {meta['cpu']}  cores {meta['cpu_count']}  torch threads {meta['torch_threads']}  "
-        f"avx512_bf16 {meta['avx512_bf16']}  amx_bf16 {meta['amx_bf16']}",
+        f"avx512_bf16 {meta['avx512_bf16']}  amx_bf16 {meta['amx_bf16']}"
+        + (f"  (family {report['physical_peak']['family']} model {report['physical_peak']['model']})"
+           if report.get("physical_peak") else ""),
         f"load average start {meta['load_average_start']} end {meta.get('load_average_end')}; other processes "
         f"used {_f(_pct(meta.get('others_cpu_fraction')), '.0f')}% of the CPUs; contended: {meta.get('contended')}",
         "",
-        "matmul roofline (GFLOP/s at min / median; torch.mm, and the oneDNN linear the fast path uses)",
+        "GEMMs (GFLOP/s at min / median); the roofline of a dtype is its best GEMM",
     ]
     roof = report["roofline"]
     for dtype, data in roof.items():
+        if dtype == "best":
+            continue
         sizes = "  ".join(f"{n}^2 {t['gflops_at_min']:.0f}/{t['gflops_at_median']:.0f}" for n, t in data["sizes"].items())
-        lines.append(f"  {dtype:<5} best {data['gflops']:>7.1f}   ({sizes})")
+        lines.append(f"  {dtype:<12} {data.get('kind', ''):<24} best {data['gflops']:>7.1f}   ({sizes})")
+    for dtype, b in roof.get("best", {}).items():
+        lines.append(f"  roofline {dtype}: {b['gflops']:.1f} GFLOP/s ({b['kind']})")
+    lines += _peak_lines(report.get("physical_peak"), roof.get("best", {}))
     width = 42
-    head = f"  {'':<{width}}{'GFLOP':>9}{'min s':>10}{'median s':>10}{'GFLOP/s':>9}{'roof':>8}  (roof: share of the roofline measured in the same rounds, min vs min)"
+    head = f"  {'':<{width}}{'GFLOP':>9}{'min s':>10}{'median s':>10}{'GFLOP/s':>9}{'roof':>8}  (roof: share of the best GEMM measured in the same rounds, min vs min)"
     for name, m in report["models"].items():
         lines += ["", f"[{name}]  {m['parameters'] / 1e6:.1f} M parameters, image {m['image_size']}, "
                   f"{m['batch_expressions']} expressions per batch; GFLOP include attention; "
                   f"reps {report['settings']['reps']} after 1 warm-up", head]
         rr, cont = m["roofline_in_rounds"], m["contention"]
         lines += _timing_rows(STAGES, m["stages"], width)
-        lines.append(f"  (fp32 roofline in these rounds: torch.mm {_roof_text(rr['stages_fp32'])} GFLOP/s; other processes used "
+        lines.append(f"  (fp32 GEMMs in these rounds: {_roof_text(rr['stages_fp32'])} GFLOP/s; other processes used "
                      f"{_f(_pct(cont['stages']['others_cpu_fraction']), '.0f')}% of the CPUs)")
         lines += _timing_rows(PIPELINE, m["pipeline"], width)
         bf = rr.get("pipelines_bf16")
-        lines.append(f"  (rooflines in these rounds: fp32 torch.mm {_roof_text(rr['pipelines_fp32'])}"
-                     + (f"; bf16 torch.mm {_roof_text(bf)}" if bf else "")
+        lines.append(f"  (GEMMs in these rounds: fp32 {_roof_text(rr['pipelines_fp32'])}"
+                     + (f"; bf16 {_roof_text(bf)}" if bf else "")
                      + f" GFLOP/s; other processes used {_f(_pct(cont['pipelines']['others_cpu_fraction']), '.0f')}%)")
         r = m["pipeline"]["ratios"]
         lines.append(f"  ratios (min / median): first/further {r['first_over_further_batched_min']:.1f}/"
                      f"{r['first_over_further_batched_median']:.1f}x, naive/further {r['naive_over_further_batched_min']:.1f}/"
                      f"{r['naive_over_further_batched_median']:.1f}x, fast SAM {m['fast_sam']['speedup_min']:.2f}/"
                      f"{m['fast_sam']['speedup_median']:.2f}x (max |diff| {m['fast_sam']['max_abs_diff_vs_hf']:.1e})")
+        if m.get("bf16_path"):
+            lines.append(f"  bf16 path: {m['bf16_path']['status']}; --precision bf16 runs {m['bf16_path']['library']}")
+        if "bf16_gemm_ceiling_min" in r and "bf16_speedup_first_min" not in r:
+            lines.append(f"  bf16 GEMM ceiling (best bf16 / best fp32 GEMM, same rounds) "
+                         f"{r['bf16_gemm_ceiling_min']:.2f}/{r['bf16_gemm_ceiling_median']:.2f}x")
         if "bf16_speedup_first_min" in r:
             agree = m["pipeline"]["bf16_agreement"]
             lines.append(f"  bf16 speed-up first {r['bf16_speedup_first_min']:.2f}/{r['bf16_speedup_first_median']:.2f}x, "
                          f"further batched {r['bf16_speedup_further_batched_min']:.2f}x; mask IoU vs fp32 (random weights) "
                          f"{agree['mask_iou']:.3f}")
             if "bf16_gemm_ceiling_min" in r:
-                lines.append(f"  bf16 GEMM ceiling (oneDNN bf16 / fp32 GFLOP/s, same rounds) "
+                lines.append(f"  bf16 GEMM ceiling (best bf16 / best fp32 GEMM, same rounds) "
                              f"{r['bf16_gemm_ceiling_min']:.2f}/{r['bf16_gemm_ceiling_median']:.2f}x")
         mem = m.get("memory")
         if mem and "error" not in mem:
@@ -110,8 +142,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines += ["", f"targets ({targets['preset']}; value at min, median in brackets)"]
         for c in targets["checks"]:
             met = {True: "MET", False: "NOT MET", None: "n/a"}[c["met"]]
-            extra = f"  [vs best roofline {c['vs_best_roofline']:.3f}]" if c.get("vs_best_roofline") else ""
-            extra += f"  [bf16 GEMM ceiling {c['gemm_ceiling']:.2f}x]" if c.get("gemm_ceiling") else ""
+            if c.get("not_applicable"):
+                met = c["not_applicable"]
+            extra = f"  [of torch.mm alone {c['of_torch_mm']:.3f}]" if c.get("of_torch_mm") else ""
+            extra += (f"  [speed-up {c['speedup']:.2f}x, bf16 GEMM ceiling {c['gemm_ceiling']:.2f}x]"
+                      if c.get("gemm_ceiling") else "")
             lines.append(f"  {c['name']:<64}{_f(c['value']):>8} ({_f(c.get('median'))}) {c['target']:>9}  {met}{extra}")
     agreement = report.get("agreement")
     if agreement:

@@ -15,7 +15,8 @@ itself. Here:
 - windowed layers run ``qkv`` on the real tokens only and give padding tokens ``qkv(0)``, exactly
   what the padded zeros of the reference produce, and ``proj`` only on the real tokens;
 - without gradients, the MLP's ``Linear + GELU`` runs as one oneDNN op when both layers are plain
-  ``nn.Linear`` on the CPU (after ``merge_lora``; LoRA layers are always called as modules).
+  ``nn.Linear`` on the CPU (after ``merge_lora``; LoRA layers are always called as modules; see
+  :mod:`rsrefseg.modeling.fast_linear`).
 
 :func:`enable_fast_sam` swaps the classes of the attention and layer modules in place: parameter
 names, checkpoints and LoRA wrappers are unchanged, and :func:`disable_fast_sam` swaps them back.
@@ -23,7 +24,6 @@ names, checkpoints and LoRA wrappers are unchanged, and :func:`disable_fast_sam`
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 
 import torch
@@ -32,6 +32,14 @@ from torch import nn
 from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionLayer
 
 from rsrefseg.modeling.fast_attention import use_math_path
+from rsrefseg.modeling.fast_linear import (  # noqa: F401  (re-exported: the oneDNN linears lived here)
+    FastLinear,
+    disable_fast_linear,
+    enable_fast_linear,
+    mlp_forward,
+    onednn_linear,
+    onednn_linear_supported,
+)
 
 #: Bytes of attention bias materialised at once on the CPU: one head's block of query rows (or a
 #: group of windows), at least :data:`MIN_BLOCK_QUERIES` queries (the CPU attention kernel's large
@@ -237,76 +245,6 @@ class FastSamVisionAttention(SamVisionAttention):
         return windows.view(b * grid_h * grid_w, s, s, c3)
 
 
-@functools.cache
-def onednn_linear_supported(dtype: torch.dtype) -> bool:
-    """Whether this CPU's oneDNN has a linear (inner product) kernel for ``dtype``.
-
-    oneDNN has bf16 kernels only on CPUs with AVX-512 (BF16/VNNI) or AMX; on an AVX2-only CPU
-    creating the bf16 primitive fails. One 2 x 8 probe per dtype and process, cached.
-    """
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return False
-    try:
-        with torch.no_grad():
-            x = torch.ones(2, 8, dtype=dtype)
-            torch.ops.mkldnn._linear_pointwise(x, torch.ones(4, 8, dtype=dtype), None, "none", [], "")
-    except RuntimeError:
-        return False
-    return True
-
-
-def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's ``mkldnn._linear_pointwise`` may run this linear (CPU inference only)."""
-    return (
-        x.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and weight.dtype == x.dtype
-        and weight.is_contiguous()
-        and x.numel() > 0
-        and not torch.is_autocast_enabled("cpu")
-        and onednn_linear_supported(x.dtype)
-    )
-
-
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, attr: str = "none",
-                  algorithm: str = "") -> torch.Tensor:
-    """``attr(x @ weight^T + bias)`` in one oneDNN call (bias fused; ``attr``: "none" or "gelu")."""
-    shape = x.shape
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), weight, bias, attr, [], algorithm)
-    return out.view(*shape[:-1], out.shape[-1])
-
-
-class FastLinear(nn.Linear):
-    """``nn.Linear`` that runs through oneDNN for CPU inference (same parameters; class swap).
-
-    On this kind of CPU oneDNN's fp32 GEMM with the bias fused is 10-35% faster than the
-    ``addmm`` path (which also copies the broadcast bias into the output first). Training,
-    autocast and other devices use ``F.linear`` unchanged.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if _onednn_ok(x, self.weight):
-            return onednn_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
-_PLAIN_LINEARS = (nn.Linear, FastLinear)
-
-
-def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """SAM's MLP (lin1 -> exact GELU -> lin2); one fused oneDNN op for lin1 + GELU when possible.
-
-    Only when both layers are plain linears (LoRA layers are always called as modules).
-    """
-    lin1, lin2 = getattr(mlp, "lin1", None), getattr(mlp, "lin2", None)
-    if (type(lin1) in _PLAIN_LINEARS and type(lin2) in _PLAIN_LINEARS
-            and getattr(getattr(mlp, "act", None), "act", None) is F.gelu and _onednn_ok(x, lin1.weight)):
-        hidden = onednn_linear(x, lin1.weight, lin1.bias, "gelu", "none")  # type: ignore[union-attr]
-        return lin2(hidden)  # type: ignore[misc]
-    return mlp(x)
-
-
 class FastSamVisionLayer(SamVisionLayer):
     """``SamVisionLayer`` whose attention windows internally (see :class:`FastSamVisionAttention`)."""
 
@@ -349,28 +287,4 @@ def disable_fast_sam(model: nn.Module) -> int:
         if original is not None:
             module.__class__ = original
             count += isinstance(module, SamVisionAttention)
-    return count
-
-
-def enable_fast_linear(model: nn.Module) -> int:
-    """Switch every plain ``nn.Linear`` in ``model`` to :class:`FastLinear`, in place; returns the count.
-
-    Parameter names and values are untouched; LoRA layers keep working (their base layers become
-    fast, the adapters are called as before). Use after ``merge_lora()`` for inference.
-    """
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = FastLinear
-            count += 1
-    return count
-
-
-def disable_fast_linear(model: nn.Module) -> int:
-    """Undo :func:`enable_fast_linear`; returns the number of layers switched back."""
-    count = 0
-    for module in model.modules():
-        if type(module) is FastLinear:
-            module.__class__ = nn.Linear
-            count += 1
     return count

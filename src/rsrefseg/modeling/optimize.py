@@ -11,7 +11,11 @@
 - ``precision="bf16"``: the SAM image encoder and the CLIP/SigLIP towers in bfloat16 (about 2x
   the matmul throughput on CPUs with AVX-512 BF16 or AMX, half their memory); the light head stays
   fp32 (:func:`cast_encoders`). Off by default: see the README for measured speed and mask
-  agreement.
+  agreement. On a CPU without bf16 kernels (:func:`bf16_cpu_support`: AVX2-only x86 CPUs such as
+  AMD Zen 2/3, where PyTorch computes bf16 matmuls with reference loops, measured 50-300x slower
+  than fp32) bf16 is a trap, so the model stays fp32 with a :class:`PrecisionFallbackWarning`
+  unless ``fallback=False``; on a CPU whose oneDNN emulates bf16 without native instructions
+  (AVX-512 without ``avx512_bf16``) bf16 runs, with a warning that it will not be faster.
 
 All of it is in place and for inference only (the merged model can no longer be trained as LoRA).
 :func:`fast_kernels` switches the fast kernels (not the merge, not the precision) on for a block
@@ -22,6 +26,7 @@ model being trained, LoRA unmerged.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,30 +47,92 @@ def parse_precision(name: str) -> torch.dtype:
         raise ConfigError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}") from None
 
 
-def optimize_for_inference(model: nn.Module, precision: str = "fp32") -> dict[str, Any]:
+class PrecisionFallbackWarning(RuntimeWarning):
+    """A lower precision was asked for where it is slower than fp32 (see :func:`bf16_cpu_support`)."""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_cpu_support() -> str:
+    """How this CPU runs bf16 matmuls in PyTorch: ``"native"``, ``"emulated"`` or ``"none"``.
+
+    - ``"none"``: PyTorch's oneDNN has no bf16 kernels here (x86 without AVX-512; its own check
+      ``mkldnn._is_mkldnn_bf16_supported``), so bf16 ``linear``/``bmm`` run as reference loops
+      (AMD EPYC Zen 3, 2 threads: 0.5-3 GFLOP/s against ~100+ for fp32);
+    - ``"emulated"``: oneDNN converts bf16 to fp32 with AVX-512 (x86 without ``avx512_bf16`` and
+      ``amx_bf16``): works, about as fast as fp32;
+    - ``"native"``: ``avx512_bf16``/``amx_bf16`` on x86, or any CPU whose flags are not x86 (arm64
+      with oneDNN bf16 support).
+    """
+    from rsrefseg.modeling.fast_linear import onednn_linear_supported
+
+    if not onednn_linear_supported(torch.bfloat16):
+        return "none"
+    flags = _cpu_flags()
+    if "avx2" in flags and not ({"avx512_bf16", "amx_bf16"} & flags):
+        return "emulated"
+    return "native"
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def optimize_for_inference(model: nn.Module, precision: str = "fp32", fallback: bool = True) -> dict[str, Any]:
     """Merge LoRA, switch on the fast kernels and cast to ``precision``, in place (eval mode).
 
     Args:
         model: An ``RSRefSeg`` (anything with ``merge_lora()``), or any module containing SAM
             and CLIP/SigLIP parts.
         precision: ``"fp32"`` or ``"bf16"``.
+        fallback: For ``"bf16"`` on a CPU without bf16 kernels (:func:`bf16_cpu_support` is
+            ``"none"``), keep fp32 and warn (:class:`PrecisionFallbackWarning`) instead of running
+            50x slower; ``False`` casts anyway (to study bf16 numerics on such a CPU).
 
     Returns:
-        What was done: ``{"precision", "fast_sam_layers", "fast_linear_layers", "fast_attention_models"}``.
+        What was done: ``{"precision" (the one used), "requested_precision", "fast_sam_layers",
+        "fast_linear_layers", "fast_attention_models"}``, plus ``"fallback"`` (the reason) when
+        the precision was not applied and ``"cast"`` (the cast modules) for bf16.
     """
     from rsrefseg.modeling.fast_attention import enable_fast_attention
     from rsrefseg.modeling.fast_sam import enable_fast_linear, enable_fast_sam
 
     dtype = parse_precision(precision)
+    requested = precision
+    reason = None
+    if dtype == torch.bfloat16 and _model_device(model).type == "cpu":
+        support = bf16_cpu_support()
+        if support == "none" and fallback:
+            reason = ("this CPU has no bf16 matmul kernels (x86 without AVX-512): bf16 would be 50x+ slower than "
+                      "fp32, so the model stays fp32")
+            warnings.warn(f"--precision bf16: {reason}", PrecisionFallbackWarning, stacklevel=2)
+            precision, dtype = "fp32", torch.float32
+        elif support == "emulated":
+            warnings.warn("--precision bf16: this CPU has no native bf16 instructions (no avx512_bf16/amx_bf16): "
+                          "bf16 runs emulated, not faster than fp32", PrecisionFallbackWarning, stacklevel=2)
     merge = getattr(model, "merge_lora", None)
     if callable(merge):
         merge()
-    info = {
+    info: dict[str, Any] = {
         "precision": precision,
+        "requested_precision": requested,
         "fast_sam_layers": enable_fast_sam(model),
         "fast_linear_layers": enable_fast_linear(model),
         "fast_attention_models": enable_fast_attention(model),
     }
+    if reason is not None:
+        info["fallback"] = reason
     if dtype != torch.float32:
         info["cast"] = cast_encoders(model, dtype)
     model.eval()

@@ -1,0 +1,85 @@
+"""oneDNN linears with fused GELU in the SigLIP/CLIP MLPs: equal to the plain modules, autograd falls back."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+from transformers.activations import ACT2FN
+
+from rsrefseg.modeling.fast_linear import (
+    FastLinear,
+    disable_fast_linear,
+    enable_fast_linear,
+    fused_mlp,
+    gelu_algorithm,
+    onednn_linear_supported,
+)
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+needs_onednn = pytest.mark.skipif(not onednn_linear_supported(torch.float32), reason="no oneDNN fp32 linear")
+
+
+def test_gelu_algorithms() -> None:
+    assert gelu_algorithm(ACT2FN["gelu"]) == "none"
+    assert gelu_algorithm(ACT2FN["gelu_pytorch_tanh"]) == "tanh"
+    assert gelu_algorithm(nn.GELU(approximate="tanh")) == "tanh" and gelu_algorithm(nn.GELU()) == "none"
+    assert gelu_algorithm(ACT2FN["quick_gelu"]) is None
+    assert gelu_algorithm(ACT2FN["gelu_python_tanh"]) is None  # a Python formula, not F.gelu
+    assert gelu_algorithm(functools.partial(F.gelu, approximate="tanh")) is None  # a bare function, no .act
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_fused_mlp_equals_plain(act: str) -> None:
+    torch.manual_seed(0)
+    lin1, lin2, fn = nn.Linear(48, 96), nn.Linear(96, 40), ACT2FN[act]
+    x = torch.randn(3, 17, 48) * 3  # the GELU's curved part and both tails
+    with torch.no_grad():
+        ref = lin2(fn(lin1(x)))
+        out = fused_mlp(lin1, fn, lin2, x)
+    assert out is not None and out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    assert fused_mlp(lin1, ACT2FN["quick_gelu"], lin2, x) is None  # not a GELU oneDNN fuses
+    assert fused_mlp(lin1, fn, lin2, x.requires_grad_()) is None  # autograd: the module's own forward
+
+
+def _models() -> list[nn.Module]:
+    torch.manual_seed(0)
+    vision = dict(SMALL, image_size=32, patch_size=8)
+    return [SiglipModel(SiglipConfig(text_config=SMALL, vision_config=vision)).eval(),
+            CLIPModel(CLIPConfig(text_config={**SMALL, "hidden_act": "gelu"}, vision_config=vision,
+                                 projection_dim=16)).eval()]
+
+
+@pytest.mark.parametrize("model", _models(), ids=["siglip", "clip"])
+def test_enable_fast_linear_keeps_outputs_names_and_gradients(model: nn.Module) -> None:
+    ids = torch.randint(0, 99, (2, 7))
+    pixels = torch.randn(2, 3, 32, 32)
+    names = list(model.state_dict())
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=pixels)
+    mlp = next(m for n, m in model.named_modules() if n.endswith("mlp"))
+    original = type(mlp)
+    assert enable_fast_linear(model) > 0
+    assert type(mlp).__name__ == "Fast" + original.__name__ and isinstance(mlp, original)
+    assert list(model.state_dict()) == names
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels)
+    for key in ("image_embeds", "text_embeds"):
+        a, b = getattr(out, key), getattr(ref, key)
+        assert (a - b).abs().max().item() < 1e-5 * b.abs().max().item(), key
+    # training's forward: the same modules, autograd through F.linear and the module's MLP
+    pixels.requires_grad_()
+    model(input_ids=ids, pixel_values=pixels).image_embeds.square().sum().backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    pixels.grad = None
+    assert disable_fast_linear(model) > 0
+    assert type(mlp) is original and not any(isinstance(m, FastLinear) for m in model.modules())
+    model(input_ids=ids, pixel_values=pixels).image_embeds.square().sum().backward()
+    assert fast_grads and all(torch.equal(fast_grads[n], p.grad) for n, p in model.named_parameters() if n in fast_grads)
