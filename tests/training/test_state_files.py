@@ -213,5 +213,5 @@ def test_optimizer_states_holding_objects_are_refused_before_training() -> None:
     adam = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     check_storable(adam.state_dict(), "optimizer state")  # plain: accepted
     zero_like = {"loss_scaler": LossScaler(), "base_optimizer_state": adam.state_dict()}
-    with pytest.raises(ConfigError, match=r"optimizer state\['loss_scaler'\]: a LossScaler cannot be stored.*FSDP"):
+    with pytest.raises(ConfigError, match=r"optimizer state\['loss_scaler'\]: a LossScaler cannot be stored.*DDP"):
         check_storable(zero_like, "optimizer state")

@@ -112,3 +112,14 @@ def test_sharded_optimizer_state_is_saved_per_process(tmp_path: Path) -> None:
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     with pytest.raises(ConfigError, match="another distributed setup"):  # a DDP run cannot resume it
         load_resumable(saved, _accelerator(), model, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0))
+
+
+@pytest.mark.parametrize("kind", ["DistributedType.DEEPSPEED", "DistributedType.FSDP"])
+def test_sharding_setups_are_refused_before_training(kind: str) -> None:
+    """DeepSpeed ZeRO / FSDP: one error pointing to DDP, before any model is built."""
+    from rsrefseg.training.setup import check_distributed
+
+    with pytest.raises(ConfigError, match=r"distributed_type (DEEPSPEED|FSDP) is not supported.*multi-gpu.yaml"):
+        check_distributed(SimpleNamespace(distributed_type=kind))
+    check_distributed(SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"))  # DDP is fine
+    check_distributed(SimpleNamespace(distributed_type="DistributedType.NO"))

@@ -86,8 +86,8 @@ def check_storable(obj: Any, what: str) -> None:
         _Encoder().encode(obj, what)
     except TypeError as exc:
         raise ConfigError(f"{exc}; resumable checkpoints store plain data only (never pickle), so this "
-                          "optimizer cannot be checkpointed: use DDP or FSDP (accelerate config) instead of "
-                          "DeepSpeed ZeRO") from None
+                          "optimizer cannot be checkpointed: use one process or DDP "
+                          "(configs/accelerate/multi-gpu.yaml)") from None
 
 
 def save_tree(obj: Any, path: str | os.PathLike[str], what: str = "state") -> None:

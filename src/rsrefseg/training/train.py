@@ -1,6 +1,6 @@
 """The training loop (devices and processes through ``accelerate``; resumable exactly).
 
-Single process: ``rsrefseg train --config C.yaml``. Several GPUs / nodes, DeepSpeed or FSDP:
+Single process: ``rsrefseg train --config C.yaml``. Several GPUs / nodes (data-parallel):
 ``accelerate launch [--config_file ACC.yaml] -m rsrefseg train --config C.yaml``.
 
 Exact resumption: a checkpoint is written only between optimizer steps and holds the trained part,
@@ -35,6 +35,7 @@ from rsrefseg.training.schedule import make_schedule, make_scheduler, steps_per_
 from rsrefseg.training.setup import (
     build_datasets,
     build_optimizer,
+    check_distributed,
     make_accelerator,
     model_config,
     oom_message,
@@ -172,6 +173,7 @@ def _train(
     from rsrefseg.build import build_from_preset
 
     accelerator = accelerator or make_accelerator(config)
+    check_distributed(accelerator)  # DeepSpeed / FSDP refused before anything is built
     main = accelerator.is_main_process
     work_dir = Path(config.work_dir)
     ckpt_root = work_dir / "checkpoints"
