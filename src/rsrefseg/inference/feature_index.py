@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,11 @@ def read_index_json(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise DataError(f"{folder}: feature folder not found")
     try:
-        with open(path, "rb") as handle:
+        # O_NONBLOCK: a FIFO named index.json must not block the open; only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise DataError(f"{path}: not a regular file")
             raw = handle.read(MAX_INDEX_BYTES + 1)
     except FileNotFoundError:
         raise DataError(f"{folder}: not a feature folder (no {INDEX_NAME}; make one with `rsrefseg encode`)") from None
