@@ -179,11 +179,13 @@ def fast_kernels(model: nn.Module) -> Iterator[dict[str, int]]:
     before the block stay fast after it. Yields the counts of layers switched on.
     """
     from rsrefseg.modeling.fast_attention import _towers, disable_fast_attention, enable_fast_attention
+    from rsrefseg.modeling.fast_linear import _MLP_ORIGINAL
     from rsrefseg.modeling.fast_sam import FastLinear, enable_fast_linear, enable_fast_sam
 
     originals = {id(m) for m in model.modules() if "_rsrefseg_original_class" in m.__dict__}
     towers = {id(t) for t in _towers(model) if "_rsrefseg_original_attn" in t.__dict__}
     linears = [m for m in model.modules() if type(m) is nn.Linear]
+    plain_mlps = [m for m in model.modules() if _MLP_ORIGINAL not in m.__dict__]  # fused MLPs stay fused after
     info = {"fast_sam_layers": enable_fast_sam(model), "fast_linear_layers": enable_fast_linear(model),
             "fast_attention_models": enable_fast_attention(model)}
     try:
@@ -195,6 +197,10 @@ def fast_kernels(model: nn.Module) -> Iterator[dict[str, int]]:
         for module in linears:
             if type(module) is FastLinear:
                 module.__class__ = nn.Linear
+        for module in plain_mlps:  # SigLIP/CLIP MLPs switched to their fused fc1 + GELU forward
+            original = module.__dict__.pop(_MLP_ORIGINAL, None)
+            if original is not None:
+                module.__class__ = original
         for tower in _towers(model):
             if id(tower) not in towers:
                 disable_fast_attention(tower)
