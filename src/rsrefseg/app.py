@@ -315,16 +315,19 @@ def build_app(
                                     interactive=False, elem_id="rsrefseg-downloads")
                 summary = gr.Markdown(elem_id="rsrefseg-summary")
         # Both events use the model: they share one concurrency limit (the rest waits in the queue).
-        upload.upload(handlers.upload, inputs=[upload, bands], outputs=preview, concurrency_id="model",
-                      api_name="load").then(lambda: None, outputs=scene_list, queue=False, api_visibility="private")
-        scene_list.input(choose, inputs=scene_list, outputs=preview, concurrency_id="model", api_name="load_features")
-        if features_root is not None:  # folders encoded since the server started appear on reload
+        loaded = upload.upload(handlers.upload, inputs=[upload, bands], outputs=preview, concurrency_id="model",
+                               api_name="load")
+        if features_root is not None:  # an upload clears the chosen scene; new folders appear on reload
+            loaded.then(lambda: None, outputs=scene_list, queue=False, api_visibility="private")
+            scene_list.input(choose, inputs=scene_list, outputs=preview, concurrency_id="model",
+                             api_name="load_features")
             demo.load(lambda: gr.Dropdown(choices=service.feature_folders()), outputs=scene_list, queue=False,
                       api_visibility="private")
         bands.submit(handlers.upload, inputs=[upload, bands], outputs=preview, concurrency_id="model",
                      api_visibility="private")
         upload.clear(lambda: None, outputs=preview, queue=False, api_visibility="private")
-        run.click(handlers.run, inputs=[upload, text, threshold, bands, scene_list],
+        # The encoded-scene list is a 5th input only with a features root: the API of a plain server is unchanged.
+        run.click(handlers.run, inputs=[upload, text, threshold, bands] + ([scene_list] if features_root else []),
                   outputs=[overlays, heatmaps, downloads, summary],
                   concurrency_id="model", api_name="segment")
         demo.unload(handlers.end)  # the tab was closed or reloaded: its files go

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rsrefseg.errors import ConfigError, DataError, RSRefSegError
 
-__all__ = ["MAX_DEPTH", "MAX_FOLDERS", "list_feature_folders", "resolve_feature_folder", "without_root"]
+__all__ = ["MAX_DEPTH", "MAX_FOLDERS", "folder_key", "list_feature_folders", "resolve_feature_folder", "without_root"]
 
 #: Levels below the root searched for feature folders (``DIR/<scene>``, ``DIR/<run>/<scene>``, ...).
 MAX_DEPTH = 3
@@ -94,6 +94,21 @@ def resolve_feature_folder(root: str | os.PathLike[str], name: str) -> Path:
         shown = str(name)[:80]
         raise DataError(f"{shown}: no such encoded scene on this server (choose one from the list)")
     return Path(root) / name
+
+
+def folder_key(folder: Path) -> tuple[str, int, int, None]:
+    """What identifies an opened feature folder in the demo's cache: its ``index.json`` (resolved
+    path, size, modification time; rewritten by every encode), no band choice.
+
+    Raises:
+        DataError: the folder went away since it was listed.
+    """
+    index = folder / INDEX_NAME
+    try:
+        stat = index.stat()
+        return (f"features:{index.resolve()}", stat.st_size, stat.st_mtime_ns, None)
+    except OSError:
+        raise DataError(f"{folder.name}: the encoded scene is gone (reload the page)") from None
 
 
 def without_root(exc: RSRefSegError, root: Path | None) -> RSRefSegError:

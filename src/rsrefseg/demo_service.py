@@ -266,15 +266,13 @@ class DemoService:
 
     def _load_features(self, name: str) -> _Loaded:
         """Make the feature folder ``name`` (one of :meth:`feature_folders`) current; call with the lock held."""
-        from rsrefseg.demo_features import resolve_feature_folder
+        from rsrefseg.demo_features import folder_key, resolve_feature_folder
         from rsrefseg.inference.features import open_features
 
         if self.features_root is None:
             raise ConfigError("this server offers no encoded scenes (start it with --features-root DIR)")
         folder = resolve_feature_folder(self.features_root, name)
-        index = folder / "index.json"
-        stat = index.stat()
-        key = (f"features:{index.resolve()}", stat.st_size, stat.st_mtime_ns, None)
+        key = folder_key(folder)
         if self._loaded is not None and self._loaded.key == key:
             return self._loaded
         fs = open_features(folder, self.predictor, max_pixels=self.limits.max_pixels)

@@ -288,7 +288,7 @@ def add_parser(subparsers: Any) -> None:
                         "nor encoded): a scene's folder or the --out DIR of encode holding one per scene "
                         "(repeatable). Always window by window with the folder's tiling (--tile-threshold does "
                         "not apply); --checkpoint, and --bands/--tile/--overlap when given, must be those of the "
-                        "folder")
+                        "folder.")
     p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a referring expression (repeatable)")
     p.add_argument("--texts-file", metavar="F", help="one expression per line (blank lines and # comments skipped)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
