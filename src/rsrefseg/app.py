@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from rsrefseg.inference.predictor import Predictor
 
-__all__ = ["Handlers", "build_app", "make_handlers"]
+__all__ = ["Handlers", "build_app", "make_feature_handler", "make_handlers"]
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,10 @@ def _refuse_urls(block: Any) -> None:
 class Handlers(NamedTuple):
     """The Gradio callbacks of the page (every failure becomes a one-line ``gr.Error``).
 
-    ``upload(file, bands, request) -> preview``, ``run(file, text, threshold, bands, request) ->
-    (overlays, heatmaps, downloads, summary)`` and ``end(request)`` (the session is over: delete its
-    files). ``request`` is Gradio's ``gr.Request`` (its ``session_hash`` names the session) or None.
+    ``upload(file, bands, request) -> preview``, ``run(file, text, threshold, bands, request, features)
+    -> (overlays, heatmaps, downloads, summary)`` (``features``: the chosen encoded scene, used instead
+    of ``file``) and ``end(request)`` (the session is over: delete its files). ``request`` is Gradio's
+    ``gr.Request`` (its ``session_hash`` names the session) or None.
     """
 
     upload: Callable[..., Any]
@@ -152,15 +153,18 @@ def make_handlers(service: DemoService, sessions: SessionFiles | None = None) ->
                 sessions.sweep()
 
     def on_run(file: str | None, text: str, threshold: float, bands: str | None = None,
-               request: Any = None) -> tuple[Any, ...]:
+               request: Any = None, features: str | None = None) -> tuple[Any, ...]:
         try:
-            if not file:
+            if features:  # an encoded scene chosen in the list: the upload is not used
+                file = None
+            elif not file:
                 raise ConfigError("upload an image first")
             if sessions is None:
-                result = service.run(file, text, _threshold(threshold), bands)
+                result = service.run(file, text, _threshold(threshold), bands, features=features or None)
             else:
                 with sessions.request(session_of(request), file) as folder:
-                    result = service.run(file, text, _threshold(threshold), bands, out_dir=folder)
+                    result = service.run(file, text, _threshold(threshold), bands, out_dir=folder,
+                                         features=features or None)
         except Exception as exc:
             raise _user_error(exc) from None
         finally:
@@ -176,6 +180,28 @@ def make_handlers(service: DemoService, sessions: SessionFiles | None = None) ->
     return Handlers(on_upload, on_run, on_end)
 
 
+def make_feature_handler(service: DemoService, sessions: SessionFiles | None = None) -> Callable[..., Any]:
+    """The callback of the encoded-scene list: ``choose(name, request) -> preview`` opens the feature
+    folder ``name`` (one of ``service.feature_folders()``; never a path) and returns its preview as
+    :func:`make_handlers`' ``upload`` does (None for no choice)."""
+
+    def on_choose(name: str | None, request: Any = None) -> Any:
+        if not name:
+            return None
+        try:
+            if sessions is None:
+                return service.load_features(name)
+            with sessions.request(getattr(request, "session_hash", None)) as folder:
+                return _save_preview(service.load_features(name), folder)
+        except Exception as exc:
+            raise _user_error(exc) from None
+        finally:
+            if sessions is not None:
+                sessions.sweep()
+
+    return on_choose
+
+
 def build_app(
     predictor_or_checkpoint: Predictor | str | os.PathLike[str],
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
@@ -189,6 +215,7 @@ def build_app(
     tile_threshold: int = DEFAULT_TILE_THRESHOLD,
     tile_cache_mb: float = DEFAULT_TILE_CACHE_MB,
     sessions: SessionFiles | None = None,
+    features_root: str | os.PathLike[str] | None = None,
 ) -> gradio.Blocks:
     """Build the demo page (the model is loaded here, once, when given a checkpoint directory).
 
@@ -207,6 +234,8 @@ def build_app(
             use (``PrivateFolder.use_for_gradio``; ``rsrefseg serve`` makes both and deletes them when
             it stops). Default: a new :class:`PrivateFolder` in the system temp folder, set as
             ``GRADIO_TEMP_DIR`` here and deleted when the page is garbage-collected or Python exits.
+        features_root: A folder of feature folders (``rsrefseg encode`` outputs): the page lists them
+            (only those under it) and segments a chosen one by decoding only; None: no list.
 
     Returns:
         The ``gradio.Blocks``, queue configured; call ``.launch()`` on it.
@@ -218,6 +247,8 @@ def build_app(
         raise ConfigError("concurrency, max_queue, max_upload_mb, max_pixels and tile_threshold must be positive")
     if tile_cache_mb < 0:
         raise ConfigError(f"tile_cache_mb must be >= 0, got {tile_cache_mb:g}")
+    if features_root is not None and not Path(features_root).is_dir():
+        raise ConfigError(f"{features_root}: --features-root is not a folder")
     if isinstance(predictor_or_checkpoint, Predictor):
         predictor = predictor_or_checkpoint
     else:
@@ -230,9 +261,11 @@ def build_app(
     import gradio as gr
 
     service = DemoService(predictor, Limits(max_upload_mb, max_pixels, max_expressions, tile_threshold, tile_cache_mb),
-                          workdir=sessions.runs)
+                          workdir=sessions.runs, features_root=features_root)
+    scenes = service.feature_folders()
     handlers = make_handlers(service, sessions)
-    for handler in handlers:  # how Gradio knows to pass its gr.Request (the session id) to the callbacks
+    choose = make_feature_handler(service, sessions)
+    for handler in (*handlers, choose):  # how Gradio knows to pass its gr.Request (the session id) to the callbacks
         handler.__annotations__ = {"request": gr.Request}
 
     limits_text = (
@@ -253,6 +286,9 @@ def build_app(
                 upload = gr.File(label="Image (JPEG / PNG / GeoTIFF)", file_types=UPLOAD_TYPES,
                                  type="filepath", elem_id="rsrefseg-upload")
                 _refuse_urls(upload)
+                scene_list = gr.Dropdown(choices=scenes, value=None, label="…or an encoded scene (used instead of "
+                                         "the upload; decoded only, bands fixed when it was encoded)",
+                                         visible=features_root is not None, elem_id="rsrefseg-features")
                 preview = gr.Image(label="Uploaded image", interactive=False, type="filepath",
                                    elem_id="rsrefseg-preview", height=320)
                 bands = gr.Textbox(label="Bands as R,G,B (1-based, e.g. 4,3,2 for multispectral; empty = automatic)",
@@ -279,12 +315,20 @@ def build_app(
                                     interactive=False, elem_id="rsrefseg-downloads")
                 summary = gr.Markdown(elem_id="rsrefseg-summary")
         # Both events use the model: they share one concurrency limit (the rest waits in the queue).
-        upload.upload(handlers.upload, inputs=[upload, bands], outputs=preview, concurrency_id="model",
-                      api_name="load")
+        loaded = upload.upload(handlers.upload, inputs=[upload, bands], outputs=preview, concurrency_id="model",
+                               api_name="load")
+        if features_root is not None:  # an upload clears the chosen scene; new folders appear on reload
+            loaded.then(lambda: None, outputs=scene_list, queue=False, api_visibility="private")
+            scene_list.input(choose, inputs=scene_list, outputs=preview, concurrency_id="model",
+                             api_name="load_features")
+            demo.load(lambda: gr.Dropdown(choices=service.feature_folders()), outputs=scene_list, queue=False,
+                      api_visibility="private")
         bands.submit(handlers.upload, inputs=[upload, bands], outputs=preview, concurrency_id="model",
                      api_visibility="private")
         upload.clear(lambda: None, outputs=preview, queue=False, api_visibility="private")
-        run.click(handlers.run, inputs=[upload, text, threshold, bands], outputs=[overlays, heatmaps, downloads, summary],
+        # The encoded-scene list is a 5th input only with a features root: the API of a plain server is unchanged.
+        run.click(handlers.run, inputs=[upload, text, threshold, bands] + ([scene_list] if features_root else []),
+                  outputs=[overlays, heatmaps, downloads, summary],
                   concurrency_id="model", api_name="segment")
         demo.unload(handlers.end)  # the tab was closed or reloaded: its files go
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)

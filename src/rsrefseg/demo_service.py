@@ -99,6 +99,8 @@ class _Loaded:
     width: int
     scene: SceneSource | None = None  # a tiled upload, kept open and read window by window
     tiles: TileCache | None = None  # its encoded windows, reused by the next run
+    tile: int | None = None  # window side of the scene (None: predict_scene's default; a feature folder's own)
+    overlap: int | None = None  # window overlap (None: tile // 8)
 
     @property
     def tiled(self) -> bool:
@@ -168,12 +170,16 @@ class DemoService:
             removed with the service).
         keep_runs: Output folders of this many recent runs are kept per output folder (older ones are
             deleted).
+        features_root: A folder of feature folders (``rsrefseg encode`` outputs) offered by name
+            (:meth:`feature_folders`, :meth:`load_features`, ``run(features=name)``); None: none.
     """
 
     def __init__(
-        self, predictor: Predictor, limits: Limits | None = None, workdir: str | Path | None = None, keep_runs: int = 8
+        self, predictor: Predictor, limits: Limits | None = None, workdir: str | Path | None = None, keep_runs: int = 8,
+        features_root: str | Path | None = None,
     ) -> None:
         self.predictor = predictor
+        self.features_root = None if features_root is None else Path(features_root)
         self.limits = limits or Limits()
         if workdir is None:
             workdir = tempfile.mkdtemp(prefix="rsrefseg-app-")
@@ -222,13 +228,15 @@ class DemoService:
             self._replace(new)
         return new
 
-    def _use_scene(self, key: tuple[Any, ...], scene: SceneSource, tiles: TileCache | None = None) -> _Loaded:
+    def _use_scene(self, key: tuple[Any, ...], scene: SceneSource, tiles: TileCache | None = None,
+                   tile: int | None = None, overlap: int | None = None) -> _Loaded:
         """Make an open scene the current image, segmented window by window (call with the lock held).
 
         The scene is read only for windows missing from ``tiles`` (default: a new cache of
         ``Limits.tile_cache_mb``). This is the seam for scene sources other than an uploaded file: a
         feature folder (``rsrefseg encode``) gives a :class:`SceneSource` plus a cache holding every
-        window, so nothing is read or encoded. ``scene`` is closed here if its preview fails.
+        window, so nothing is read or encoded (``tile``/``overlap``: its tiling). ``scene`` is
+        closed here if its preview fails.
         """
         from rsrefseg.inference.tiling import TileCache
 
@@ -239,7 +247,7 @@ class DemoService:
             raise
         if tiles is None:
             tiles = TileCache(int(self.limits.tile_cache_mb * 2**20))
-        new = _Loaded(key, preview, scene.georef, scene.height, scene.width, scene, tiles)
+        new = _Loaded(key, preview, scene.georef, scene.height, scene.width, scene, tiles, tile, overlap)
         self.predictor.reset_image()
         self._replace(new)
         return new
@@ -249,6 +257,37 @@ class DemoService:
         if self._loaded is not None and self._loaded is not new:
             self._loaded.close()
         self._loaded = new
+
+    def feature_folders(self) -> list[str]:
+        """Names of the encoded scenes under ``features_root`` (empty without one)."""
+        from rsrefseg.demo_features import list_feature_folders
+
+        return [] if self.features_root is None else list_feature_folders(self.features_root)
+
+    def _load_features(self, name: str) -> _Loaded:
+        """Make the feature folder ``name`` (one of :meth:`feature_folders`) current; call with the lock held."""
+        from rsrefseg.demo_features import folder_key, resolve_feature_folder
+        from rsrefseg.inference.features import open_features
+
+        if self.features_root is None:
+            raise ConfigError("this server offers no encoded scenes (start it with --features-root DIR)")
+        folder = resolve_feature_folder(self.features_root, name)
+        key = folder_key(folder)
+        if self._loaded is not None and self._loaded.key == key:
+            return self._loaded
+        fs = open_features(folder, self.predictor, max_pixels=self.limits.max_pixels)
+        return self._use_scene(key, fs.source, fs.cache, fs.tile, fs.overlap)
+
+    def load_features(self, name: str) -> np.ndarray:
+        """Open the encoded scene ``name`` (one of :meth:`feature_folders`) instead of an upload;
+        return its preview (``h x w x 3`` uint8). Messages name it by ``name``, never by its path."""
+        from rsrefseg.demo_features import without_root
+
+        try:
+            with self._lock:
+                return self._load_features(name).preview
+        except RSRefSegError as exc:
+            raise without_root(exc, self.features_root) from None
 
     def load(self, path: str | os.PathLike[str], bands: str | None = None) -> np.ndarray:
         """Check and encode an uploaded image (``bands`` as in :meth:`run`); return its preview
@@ -284,29 +323,45 @@ class DemoService:
         return run
 
     def run(
-        self, path: str | os.PathLike[str], text: str | None, threshold: float = 0.5, bands: str | None = None,
-        out_dir: str | os.PathLike[str] | None = None,
+        self, path: str | os.PathLike[str] | None, text: str | None, threshold: float = 0.5, bands: str | None = None,
+        out_dir: str | os.PathLike[str] | None = None, *, features: str | None = None,
     ) -> DemoResult:
-        """Segment every expression of ``text`` (one per line) on the image at ``path``.
+        """Segment every expression of ``text`` (one per line) on the image at ``path``, or on the
+        encoded scene ``features``.
 
         Args:
-            path: The uploaded image.
+            path: The uploaded image (ignored with ``features``).
             text: Expressions, one per line.
             threshold: Mask probability threshold in (0, 1).
             bands: 1-based source bands for R, G, B, e.g. ``"4,3,2"`` for a multispectral GeoTIFF,
                 or one band; empty or ``None`` = automatic (the first three, or the only one).
             out_dir: Where this run's output folder is made (default: the service's ``workdir``).
+            features: One of :meth:`feature_folders`: decode from it (``bands`` do not apply: the
+                folder fixes them), never reading or encoding the image.
 
         Raises:
             DataError / ConfigError: a limit is exceeded, the file cannot be read, no expression.
         """
+        work = Path(out_dir) if out_dir is not None else self.workdir
+        if features is not None:
+            from rsrefseg.demo_features import without_root
+
+            try:
+                shown = Path(features if features != "." or self.features_root is None
+                             else self.features_root.resolve().name)
+                return self._run(shown, text, threshold, None, work, features)
+            except RSRefSegError as exc:
+                raise without_root(exc, self.features_root) from None
+        if path is None:
+            raise ConfigError("upload an image or choose an encoded scene first")
         source = Path(path)
         try:
-            return self._run(source, text, threshold, bands, Path(out_dir) if out_dir is not None else self.workdir)
+            return self._run(source, text, threshold, bands, work)
         except RSRefSegError as exc:
             raise name_only(exc, source) from None
 
-    def _run(self, source: Path, text: str | None, threshold: float, bands: str | None, out_dir: Path) -> DemoResult:
+    def _run(self, source: Path, text: str | None, threshold: float, bands: str | None, out_dir: Path,
+             features: str | None = None) -> DemoResult:
         from rsrefseg.inference.outputs import expression_names, write_prediction_outputs
         from rsrefseg.inference.scene import predict_scene
 
@@ -315,12 +370,12 @@ class DemoService:
             raise ConfigError(f"the mask threshold must be in (0, 1), got {threshold}")
         start = time.perf_counter()
         with self._lock:
-            loaded = self._load(source, bands)
+            loaded = self._load_features(features) if features is not None else self._load(source, bands)
             logit = math.log(threshold / (1 - threshold))
             scene = None
             if loaded.scene is not None:  # tile by tile at native resolution, encoded windows reused
                 scene = predict_scene(self.predictor, loaded.scene, expressions, threshold=logit, heatmap=True,
-                                      cache=loaded.tiles)
+                                      cache=loaded.tiles, tile=loaded.tile, overlap=loaded.overlap)
                 predictions = scene.predictions
                 self.encodes += scene.encoded_tiles > 0
                 self.encoded_tiles += scene.encoded_tiles

@@ -9,6 +9,10 @@ than ``--max-pixels``, not enough disk space for its outputs) is reported, liste
 ``failures`` in ``summary.json`` and does not stop the others: the exit status is 1 when some
 images failed, 2 when all of them did, 0 otherwise (130 when interrupted).
 
+``--features DIR`` (instead of images) decodes from feature folders written by ``rsrefseg encode``:
+the same outputs as predicting the scene tiled with the folder's tiling, without reading or encoding
+it; a folder made with another checkpoint, tiling or band choice stops the command (exit status 2).
+
 Large images (above ``--tile-threshold``) are segmented tile by tile and their outputs written
 window by window: memory does not depend on the scene size. Every finished scene is recorded in
 ``OUT/manifest.jsonl``; ``--resume`` skips the scenes it lists (same expressions and settings, files
@@ -173,9 +177,18 @@ def run(args: argparse.Namespace) -> int:
     expressions = collect_expressions(args.text, args.texts_file)
     _validate(args)
     items = list(args.images) + [f"@{f}" for f in args.inputs_file]
-    if not items:
-        raise ConfigError("no input given; name images, folders, globs, @LIST or --inputs-file")
-    scenes = expand_inputs(items, args.stac_asset)
+    if items and args.features:
+        raise ConfigError("give images (IMAGES, @LIST, --inputs-file) or --features DIR, not both")
+    if not items and not args.features:
+        raise ConfigError("no input given; name images, folders, globs, @LIST, --inputs-file or --features DIR")
+    if args.features:
+        if args.stac_asset is not None:
+            raise ConfigError("--stac-asset applies to STAC inputs, not to --features")
+        from rsrefseg.inference.predict_features import feature_inputs
+
+        scenes = feature_inputs(args.features)
+    else:
+        scenes = expand_inputs(items, args.stac_asset)
 
     from rsrefseg.inference.predict_batch import prepare_output_folder
 
@@ -197,13 +210,18 @@ def run(args: argparse.Namespace) -> int:
         bands=args.bands, tile_threshold=args.tile_threshold, tile=args.tile, overlap=args.overlap,
         batch_size=args.batch_size, threshold=args.threshold, heatmaps=args.heatmaps, probability=args.probability,
         simplify=args.simplify, min_area=args.min_area, overlay_max_side=args.overlay_max_side,
-        max_pixels=args.max_pixels, vector_format=args.vector_format, progress=progress_style(args))
+        max_pixels=args.max_pixels, vector_format=args.vector_format, progress=progress_style(args),
+        features=bool(args.features), checkpoint=str(args.checkpoint))
+    if args.features:  # a folder made with another checkpoint, tiling or bands: stop before any output
+        from rsrefseg.inference.predict_features import check_feature_inputs
+
+        check_feature_inputs(predictor, scenes, options)
     settings = {"bands": args.bands, "tile_threshold": args.tile_threshold, "tile": tile,
                 "overlap": args.overlap if args.overlap is not None else tile // 8, "threshold": args.threshold,
                 "simplify": args.simplify, "min_area": args.min_area, "polygon_units": "crs",
                 "resize_mode": config.resize_mode, "precision": args.precision, "heatmaps": args.heatmaps,
                 "probability": args.probability, "overlay_max_side": args.overlay_max_side,
-                "vector_format": args.vector_format}
+                "vector_format": args.vector_format, "features": bool(args.features)}
     names = expression_names(expressions)
     plan = BatchPlan(out, scenes, unique_names([s.name for s in scenes]), expressions, names,
                      {**settings, "checkpoint": checkpoint_fingerprint(args.checkpoint)}, resume=args.resume,
@@ -265,6 +283,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--inputs-file", action="append", default=[], metavar="F",
                    help="a text file of inputs, one per line (same as @F; repeatable)")
     p.add_argument("--stac-asset", metavar="KEY", help="asset key of the raster in STAC inputs (default: the only raster)")
+    p.add_argument("--features", action="append", default=[], metavar="DIR",
+                   help="decode from feature folders written by `rsrefseg encode` instead of IMAGES (neither read "
+                        "nor encoded): a scene's folder or the --out DIR of encode holding one per scene "
+                        "(repeatable). Always window by window with the folder's tiling (--tile-threshold does "
+                        "not apply); --checkpoint, and --bands/--tile/--overlap when given, must be those of the "
+                        "folder.")
     p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a referring expression (repeatable)")
     p.add_argument("--texts-file", metavar="F", help="one expression per line (blank lines and # comments skipped)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     """Load the checkpoint, build the page and serve it until stopped; then delete every upload and result."""
     from rsrefseg.demo_storage import PrivateFolder, SessionFiles
 
+    if args.features_root is not None and not os.path.isdir(args.features_root):
+        raise ConfigError(f"{args.features_root}: --features-root is not a folder")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     storage = PrivateFolder(args.workdir)
     gradio_temp_dir = os.environ.get("GRADIO_TEMP_DIR")
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
                 tile_threshold=args.tile_threshold,
                 tile_cache_mb=args.tile_cache_mb,
                 sessions=sessions,
+                features_root=args.features_root,
             )
             if stop.is_set():
                 return 0
@@ -163,6 +166,10 @@ def add_parser(subparsers: Any) -> None:
                    help="requests processed at once; others wait in the queue (default 1)")
     p.add_argument("--max-queue", type=positive(int), default=32, metavar="N",
                    help="requests allowed to wait; more are refused (default 32)")
+    p.add_argument("--features-root", default=None, metavar="DIR",
+                   help="offer the feature folders under DIR (written by `rsrefseg encode SCENE... --out DIR`) in "
+                        "a list: a chosen scene is segmented by decoding only, never read or encoded; only "
+                        "folders under DIR are listed (links leading out of DIR are ignored)")
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="where the server's own folder for uploads and results is made (mode 0700, deleted when "
                         "the server stops; default: the system temp folder, $TMPDIR or /tmp)")

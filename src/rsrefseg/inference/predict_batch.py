@@ -203,7 +203,8 @@ def run_batch(predictor: Any, plan: BatchPlan, options: Any, summary: dict[str, 
             try:
                 files = process_image(predictor, scene.path, plan.out / plan.folders[i], plan.expressions,
                                       plan.names, options, book, record)
-                manifest.record(scene.key, expressions_key, settings_key, files, info=record)
+                # absolute: relative paths would be taken relative to the output folder (a relative --out)
+                manifest.record(scene.key, expressions_key, settings_key, [f.absolute() for f in files], info=record)
             except Exception as exc:  # one failing image never stops the batch
                 predictor.reset_image()
                 line = _error_line(exc)

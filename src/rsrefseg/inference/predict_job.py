@@ -5,7 +5,10 @@
 - images up to ``tile_threshold`` pixels are read whole and encoded once; the expressions are
   decoded batch by batch and each prediction is written and dropped before the next batch;
 - larger images are streamed window by window (:func:`~rsrefseg.inference.scene_writer.write_scene_outputs`):
-  memory is bounded by the tile and a fixed budget, not by the scene.
+  memory is bounded by the tile and a fixed budget, not by the scene;
+- with ``PredictOptions.features`` the inputs are feature folders (``rsrefseg encode``): streamed
+  the same way, every window from the folder (:mod:`rsrefseg.inference.predict_features`), the
+  image neither read nor encoded.
 
 Before any work on an image: ``--max-pixels`` and the free disk space are checked
 (:mod:`rsrefseg.inference.limits`) and the temporary files a killed earlier run left in its folder
@@ -51,6 +54,8 @@ class PredictOptions:
     max_pixels: int | None = None  # refuse larger images (None: no limit)
     vector_format: str = "geojson"  # format of the per-image vector file: geojson, gpkg, fgb, shp
     progress: str = "bar"  # progress style of the window loop: bar, json or none
+    features: bool = False  # inputs are feature folders (rsrefseg encode): decoded, never read or encoded
+    checkpoint: str | None = None  # with features: require folders made from this checkpoint's files (SHA-256)
 
 
 class ImageVectors:
@@ -127,21 +132,30 @@ def process_image(predictor: Any, path: Path, folder: Path, expressions: list[st
     from rsrefseg.inference.vectors import vector_path
 
     start = time.perf_counter()
-    height, width = image_size(path)
-    check_max_pixels(path, height, width, options.max_pixels)
-    georef = read_georeference(path)
-    tiled = should_tile(height, width, options.tile_threshold)
+    features, source = None, path
+    if options.features:  # a feature folder: its scene is decoded window by window, never read
+        from rsrefseg.inference.predict_features import open_for_predict
+
+        features = open_for_predict(predictor, path, options)
+        height, width, georef, tiled = features.source.height, features.source.width, features.source.georef, True
+        source = features.source.path  # the scene the folder was encoded from
+        record["features"] = str(path)
+    else:
+        height, width = image_size(path)
+        check_max_pixels(path, height, width, options.max_pixels)
+        georef = read_georeference(path)
+        tiled = should_tile(height, width, options.tile_threshold)
     remove_temporaries(folder)
     needed = scene_output_bytes(height, width, len(expressions), options.probability)
     check_free_space(folder, needed, path)
-    record.update(source=str(path), dir=folder.name, height=height, width=width, georeferenced=georef is not None,
+    record.update(source=str(source), dir=folder.name, height=height, width=width, georeferenced=georef is not None,
                   tiled=tiled, crs=None if georef is None or georef.crs is None else georef.crs.to_string())
     summary.begin_image(record)
     files: list[Path] = []
     vectors = None
     if georef is not None:
         vectors = ImageVectors(vector_path(folder, folder.name, options.vector_format), options.vector_format,
-                               georef.crs, str(path))
+                               georef.crs, str(source))
 
     def polygons(index: int, expression: str, score: float, batch: list[Any]) -> None:
         if vectors is not None:  # expression `index` (0-based): a batch of its polygons
@@ -156,7 +170,7 @@ def process_image(predictor: Any, path: Path, folder: Path, expressions: list[st
 
     try:
         if tiled:
-            run = _stream_scene(predictor, path, folder, expressions, names, options, written, polygons)
+            run = _stream_scene(predictor, path, folder, expressions, names, options, written, polygons, features)
             record.update(tile=run.tile, overlap=run.overlap, tiles=run.tiles, skipped_tiles=run.skipped_tiles)
         else:
             _decode_whole_image(predictor, path, folder, georef, expressions, names, options, written, polygons)
@@ -174,8 +188,11 @@ def process_image(predictor: Any, path: Path, folder: Path, expressions: list[st
 
 def _stream_scene(predictor: Any, path: Path, folder: Path, expressions: list[str], names: list[str],
                   options: PredictOptions, written: Callable[[dict[str, Any]], None],
-                  polygons: Callable[[int, str, float, list[Any]], None]) -> Any:
-    """Tiled image: window by window (:func:`write_scene_outputs`); returns its ``SceneRun``."""
+                  polygons: Callable[[int, str, float, list[Any]], None], features: Any = None) -> Any:
+    """Tiled image: window by window (:func:`write_scene_outputs`); returns its ``SceneRun``.
+
+    ``features``: an opened feature folder (:class:`~rsrefseg.inference.features.FeatureScene`):
+    its source and window cache replace the image, with its tiling."""
     from rsrefseg.cli.progress import progress
     from rsrefseg.inference.scene import open_scene
     from rsrefseg.inference.scene_writer import SceneOutputOptions, write_scene_outputs
@@ -184,11 +201,14 @@ def _stream_scene(predictor: Any, path: Path, folder: Path, expressions: list[st
         threshold=options.threshold, heatmap=options.heatmaps, probability=options.probability,
         simplify=options.simplify, min_area=options.min_area, overlay_max_side=options.overlay_max_side,
         batch_size=options.batch_size)
-    with open_scene(path, bands=options.bands) as source:
+    tile, overlap, cache = options.tile, options.overlap, None
+    if features is not None:
+        tile, overlap, cache = features.tile, features.overlap, features.cache
+    with features.source if features is not None else open_scene(path, bands=options.bands) as source:
         _, run = write_scene_outputs(
-            predictor, source, expressions, names, folder, scene_options, options.tile, options.overlap,
+            predictor, source, expressions, names, folder, scene_options, tile, overlap,
             progress=lambda it, n: progress(it, options.progress, total=n, desc="tiles", leave=False),
-            on_record=lambda _k, output: written(output), on_polygons=polygons)
+            cache=cache, on_record=lambda _k, output: written(output), on_polygons=polygons)
     return run
 
 
