@@ -192,20 +192,46 @@ def run(args: argparse.Namespace) -> int:
 
     from rsrefseg.inference.predict_batch import prepare_output_folder
 
-    out = prepare_output_folder(args.out)
+    created = _first_missing(Path(args.out))
+    out = prepare_output_folder(args.out)  # checked writable before the model is loaded
+    with _removed_if_failing(out, created):  # a broken checkpoint or folder leaves no empty --out behind
+        predictor, options, scenes = _load(args, scenes)
+    return _predict(args, out, predictor, options, scenes, expressions)
 
-    from rsrefseg import __version__
-    from rsrefseg.inference.outputs import expression_names, peak_rss_mb, unique_names
-    from rsrefseg.inference.predict_batch import BatchPlan, checkpoint_fingerprint, run_batch
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet, or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+@contextlib.contextmanager
+def _removed_if_failing(out: Path, created: Path | None) -> Iterator[None]:
+    """On an exception, remove the folders :func:`prepare_output_folder` created (only while empty)."""
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            for folder in (out, *out.parents):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # fails, and stops nothing, on a folder that is not empty
+                if folder == created:
+                    break
+        raise
+
+
+def _load(args: argparse.Namespace, scenes: list[Any]) -> tuple[Any, Any, list[Any]]:
+    """The predictor and the options of the run; feature folders checked against the model."""
     from rsrefseg.inference.predict_job import PredictOptions
     from rsrefseg.inference.predictor import Predictor
 
     state = _dist_state()
-    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     device = args.device or (state.device if state is not None else None)
     predictor = Predictor.from_pretrained(args.checkpoint, device=device, precision=args.precision)
-    config = predictor.model.config
-    tile = args.tile or config.sam_image_size
     options = PredictOptions(
         bands=args.bands, tile_threshold=args.tile_threshold, tile=args.tile, overlap=args.overlap,
         batch_size=args.batch_size, threshold=args.threshold, heatmaps=args.heatmaps, probability=args.probability,
@@ -216,6 +242,20 @@ def run(args: argparse.Namespace) -> int:
         from rsrefseg.inference.predict_features import check_feature_inputs
 
         check_feature_inputs(predictor, scenes, options)
+    return predictor, options, scenes
+
+
+def _predict(args: argparse.Namespace, out: Path, predictor: Any, options: Any, scenes: list[Any],
+             expressions: list[str]) -> int:
+    """Predict every scene into ``out`` (model loaded, inputs checked); returns the exit status."""
+    from rsrefseg import __version__
+    from rsrefseg.inference.outputs import expression_names, peak_rss_mb, unique_names
+    from rsrefseg.inference.predict_batch import BatchPlan, checkpoint_fingerprint, run_batch
+
+    state = _dist_state()
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    config = predictor.model.config
+    tile = args.tile or config.sam_image_size
     settings = {"bands": args.bands, "tile_threshold": args.tile_threshold, "tile": tile,
                 "overlap": args.overlap if args.overlap is not None else tile // 8, "threshold": args.threshold,
                 "simplify": args.simplify, "min_area": args.min_area, "polygon_units": "crs",
