@@ -222,11 +222,11 @@ def test_oversized_index_is_refused_without_reading_it_all(tmp_path: Path, monke
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need POSIX")
 def test_fifo_in_place_of_the_index_is_refused_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / ff.INDEX_NAME)  # opened for reading, a FIFO would wait for a writer forever
-    with pytest.raises(DataError, match="index.json: not a regular file"):
+    with pytest.raises(DataError, match=r"index\.json: not a regular file"):
         fi.read_index_json(tmp_path)
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / ff.INDEX_NAME).mkdir()  # a folder named index.json
-    with pytest.raises(DataError, match="index.json: (not a regular file|cannot read)"):
+    with pytest.raises(DataError, match=r"index\.json: (not a regular file|cannot read)"):
         fi.read_index_json(tmp_path / "dir")
 
 
