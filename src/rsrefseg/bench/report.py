@@ -145,8 +145,8 @@ def format_table(report: dict[str, Any]) -> str:
             if c.get("not_applicable"):
                 met = c["not_applicable"]
             extra = f"  [of torch.mm alone {c['of_torch_mm']:.3f}]" if c.get("of_torch_mm") else ""
-            extra += (f"  [speed-up {c['speedup']:.2f}x, bf16 GEMM ceiling {c['gemm_ceiling']:.2f}x]"
-                      if c.get("gemm_ceiling") else "")
+            extra += (f"  [speed-up {_f(c.get('speedup'))}x, bf16 GEMM ceiling {c['gemm_ceiling']:.2f}x]"
+                      if c.get("gemm_ceiling") else "")  # speed-up None: the bf16 path was not timed
             lines.append(f"  {c['name']:<64}{_f(c['value']):>8} ({_f(c.get('median'))}) {c['target']:>9}  {met}{extra}")
     agreement = report.get("agreement")
     if agreement:
