@@ -46,7 +46,7 @@ def build_training(preset: str, checkpointing: bool) -> tuple[Any, Any, Any, flo
     model.train()
     if checkpointing:
         enable_gradient_checkpointing(model)
-    config = TrainConfig()  # AdamW lr 1e-4, weight decay 0.05 (paper), foreach update
+    config = TrainConfig()  # AdamW lr 1e-4, weight decay 0.05 (paper), fused update
     optimizer = build_optimizer(model, config)
     bce, dice, act = spec["loss"]
     return model, LossModule(model, bce, dice, act), optimizer, spec["grad_clip"]
