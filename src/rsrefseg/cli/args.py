@@ -21,6 +21,19 @@ def parse_pixels(text: str) -> int:
     return math.prod(parts)
 
 
+def parse_bands_arg(text: str) -> tuple[int, ...]:
+    """``--bands R,G,B`` (or one band), 1-based, for argparse's ``type=``."""
+    from rsrefseg.data.imageio import parse_bands
+
+    try:
+        bands = parse_bands(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if bands is None:
+        raise argparse.ArgumentTypeError("bands must name 1 or 3 bands (1-based), got an empty value")
+    return bands
+
+
 def positive(kind: type, zero: bool = False) -> Any:
     """An argparse type: ``kind(text)`` that must be > 0 (>= 0 with ``zero=True``)."""
     wanted = "a number >= 0" if zero else "a positive number"

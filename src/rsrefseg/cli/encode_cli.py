@@ -23,24 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rsrefseg.cli.args import add_model_args
+from rsrefseg.cli.args import add_model_args, parse_bands_arg
 from rsrefseg.cli.progress import add_progress_args, emit, progress, progress_style
 from rsrefseg.errors import ConfigError, RSRefSegError
 
 #: Feature dtypes on disk (``rsrefseg.inference.feature_files.FEATURE_DTYPES``, kept free of torch; tested equal).
 DTYPE_NAMES = ("float32", "float16")
-
-
-def _parse_bands(text: str) -> tuple[int, ...]:
-    from rsrefseg.data.imageio import parse_bands
-
-    try:
-        bands = parse_bands(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if bands is None:
-        raise argparse.ArgumentTypeError("bands must name 1 or 3 bands (1-based), got an empty value")
-    return bands
 
 
 def _error_line(exc: Exception) -> str:
@@ -107,7 +95,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("scenes", nargs="+", metavar="SCENE", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder; each scene goes to DIR/<scene-stem>/")
-    p.add_argument("--bands", type=_parse_bands, metavar="R,G,B", help="1-based source bands, e.g. 4,3,2 (or one band)")
+    p.add_argument("--bands", type=parse_bands_arg, metavar="R,G,B", help="1-based source bands, e.g. 4,3,2 (or one band)")
     add_model_args(p, "torch device (default: CUDA if available)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                    help="features on disk: float32 (default; decoding gives exactly the masks of the image) or "

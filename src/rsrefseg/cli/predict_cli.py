@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rsrefseg.cli.args import add_model_args, parse_pixels
+from rsrefseg.cli.args import add_model_args, parse_bands_arg, parse_pixels
 from rsrefseg.cli.progress import add_progress_args, progress_style
 from rsrefseg.errors import ConfigError, DataError
 from rsrefseg.inference.defaults import DEFAULT_TILE_THRESHOLD, check_expression_length
@@ -49,18 +49,6 @@ from rsrefseg.inference.jobs import IMAGE_SUFFIXES  # noqa: F401  (suffixes take
 
 #: Vector formats of ``--vector-format`` (rsrefseg.inference.vector_io.VECTOR_FORMATS, torch-free here).
 VECTOR_FORMATS = ("geojson", "gpkg", "fgb", "shp")
-
-
-def _parse_bands(text: str) -> tuple[int, ...]:
-    from rsrefseg.data.imageio import parse_bands
-
-    try:
-        bands = parse_bands(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if bands is None:
-        raise argparse.ArgumentTypeError("bands must name 1 or 3 bands (1-based), got an empty value")
-    return bands
 
 
 def collect_expressions(texts: list[str], texts_file: str | None) -> list[str]:
@@ -332,7 +320,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a referring expression (repeatable)")
     p.add_argument("--texts-file", metavar="F", help="one expression per line (blank lines and # comments skipped)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--bands", type=_parse_bands, metavar="R,G,B", help="1-based source bands, e.g. 4,3,2 (or one band)")
+    p.add_argument("--bands", type=parse_bands_arg, metavar="R,G,B", help="1-based source bands, e.g. 4,3,2 (or one band)")
     p.add_argument("--tile-threshold", type=parse_pixels, default=DEFAULT_TILE_THRESHOLD, metavar="N",
                    help="tile (and stream) images with more pixels than N (or HxW); default 2048x2048")
     p.add_argument("--tile", type=int, metavar="PX", help="tile side at native resolution (default: model input size)")
