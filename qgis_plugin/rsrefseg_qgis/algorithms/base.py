@@ -13,6 +13,7 @@ from qgis.core import (
     QgsMessageLog,
     QgsProcessingAlgorithm,
     QgsProcessingException,
+    QgsProcessingParameterBand,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
@@ -77,6 +78,19 @@ class RSRefSegAlgorithm(QgsProcessingAlgorithm):
         for param in (device, precision):
             param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(param)
+
+    def add_bands_parameter(self, name: str, layer_parameter: str) -> None:
+        """The optional 1-or-3 band choice of ``layer_parameter`` (passed on as ``--bands``)."""
+        self.addParameter(QgsProcessingParameterBand(
+            name, tr("Bands (1 or 3, as red, green, blue; empty: default)"), None, layer_parameter,
+            optional=True, allowMultiple=True))
+
+    def valid_raster_layer(self, parameters: dict[str, Any], name: str, context: Any) -> Any:
+        """The raster layer of parameter ``name``; QgsProcessingException when it is missing or invalid."""
+        layer = self.parameterAsRasterLayer(parameters, name, context)
+        if layer is None or not layer.isValid():
+            raise QgsProcessingException(self.invalidRasterError(parameters, name))
+        return layer
 
     def checkpoint(self, parameters: dict[str, Any], context: Any) -> str:
         """The checkpoint folder (parameter, else setting). Raises QgsProcessingException when none."""

@@ -10,7 +10,6 @@ from typing import Any
 from qgis.core import (
     QgsProcessingException,
     QgsProcessingOutputFolder,
-    QgsProcessingParameterBand,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
     QgsProcessingParameterFolderDestination,
@@ -77,9 +76,7 @@ class EncodeFeatures(RSRefSegAlgorithm):
     def initAlgorithm(self, config: Any = None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer or file")))
         self.add_checkpoint_parameter()
-        self.addParameter(QgsProcessingParameterBand(
-            self.BANDS, tr("Bands (1 or 3, as red, green, blue; empty: default)"), None, self.INPUT,
-            optional=True, allowMultiple=True))
+        self.add_bands_parameter(self.BANDS, self.INPUT)
         self.addParameter(QgsProcessingParameterEnum(
             self.DTYPE, tr("Feature precision on disk (float16: half the size)"), options=list(DTYPES),
             defaultValue=0))
@@ -90,9 +87,7 @@ class EncodeFeatures(RSRefSegAlgorithm):
     def process(self, parameters: dict[str, Any], context: Any, feedback: Any, work: Path) -> dict[str, Any]:
         if not self.supports("encode", "--out"):
             raise RSRefSegNotFound("this rsrefseg has no encode command; update rsrefseg")
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException(self.invalidRasterError(parameters, self.INPUT))
+        layer = self.valid_raster_layer(parameters, self.INPUT, context)
         out = Path(self.parameterAsString(parameters, self.OUTPUT, context))
         out.mkdir(parents=True, exist_ok=True)
         path, _ = raster_file(layer, out)  # a VRT of a non-file source stays next to its features

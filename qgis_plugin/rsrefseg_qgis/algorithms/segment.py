@@ -7,7 +7,6 @@ from typing import Any
 
 from qgis.core import (
     QgsProcessingException,
-    QgsProcessingParameterBand,
     QgsProcessingParameterExtent,
     QgsProcessingParameterRasterLayer,
 )
@@ -60,9 +59,7 @@ class SegmentByExpression(RSRefSegAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer or file")))
         add_expression_parameters(self)
         self.add_checkpoint_parameter()
-        self.addParameter(QgsProcessingParameterBand(
-            self.BANDS, tr("Bands (1 or 3, as red, green, blue; empty: default)"), None, self.INPUT,
-            optional=True, allowMultiple=True))
+        self.add_bands_parameter(self.BANDS, self.INPUT)
         self.addParameter(QgsProcessingParameterExtent(
             self.EXTENT, tr("Only this extent (map view or drawn rectangle; empty: the whole raster)"),
             optional=True))
@@ -70,9 +67,7 @@ class SegmentByExpression(RSRefSegAlgorithm):
         self.add_model_parameters()
 
     def process(self, parameters: dict[str, Any], context: Any, feedback: Any, work: Path) -> dict[str, Any]:
-        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        if layer is None or not layer.isValid():
-            raise QgsProcessingException(self.invalidRasterError(parameters, self.INPUT))
+        layer = self.valid_raster_layer(parameters, self.INPUT, context)
         path, original = raster_file(layer, work)
         texts = expressions_file(self, parameters, context, work)
         args = band_args(self, parameters, context, self.BANDS)
