@@ -35,9 +35,10 @@ def test_bench_features_tiny(small_scene: Path, tmp_path: Path, capsys: pytest.C
     report = json.loads(out.read_text())
     assert report["preset"] == "tiny" and (report["height"], report["width"]) == (150, 200)
     assert report["windows"] == 4 and report["encoded_windows"] == 4
-    for key in ("encode_s", "features_s", "features_float16_s", "again_s", "speedup", "text_s", "encode_per_window_s"):
+    for key in ("encode_s", "features_s", "features_float16_s", "again_s", "speedup", "text_s"):
         assert report[key] > 0
-    assert report["decode_per_window_s"] >= 0  # a difference of two timings, floored at 0
+    for key in ("encode_per_window_s", "decode_per_window_s"):  # differences of two timings, floored at 0:
+        assert report[key] >= 0  # on tiny, encoding costs about as much as timing noise
     assert report["float32_equal"] is True and report["float32_differing_pixels"] == [0, 0, 0]
     assert report["float16_iou_min"] >= 0.99 and report["targets"]["float16_iou_met"] is True
     assert all(0 < f < 1 for f in report["mask_fraction"])  # sharpened: masks with structure

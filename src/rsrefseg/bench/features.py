@@ -138,7 +138,7 @@ def bench_features(
         "encoded_windows": result.encoded, "empty_windows": result.empty, "expressions": texts,
         "sharpen": sharpen, "threads": torch.get_num_threads(), "parameters": info["parameters"],
         "encode_s": encode_s, "recast_float16_s": recast_s, "features_s": features_s, "text_s": text_s,
-        "encode_per_window_s": (again_s - features_s) / max(1, result.encoded + result.reused),
+        "encode_per_window_s": max(0.0, again_s - features_s) / max(1, result.encoded + result.reused),
         # text_s is timed apart from features_s: on tiny scenes noise can exceed the difference.
         "decode_per_window_s": max(0.0, features_s - text_s) / max(1, result.encoded + result.reused),
         "features_float16_s": features16_s, "again_s": again_s, "speedup": speedup,
