@@ -77,7 +77,7 @@ def _window_values(predictor: Predictor, text_batches: Sequence[TextFeatures], e
         values[batch.start:batch.start + t] = batch.logits.numpy()  # t x h x w
         if batch.heat_logits is not None:
             values[n + batch.start:n + batch.start + t] = batch.heat_logits.numpy()
-        areas = ((batch.logits > threshold) & valid_t).sum(dim=(1, 2)).double().numpy()  # t mask pixels
+        areas = torch.count_nonzero((batch.logits > threshold) & valid_t, dim=(1, 2)).double().numpy()  # t mask pixels
         run.iou_sum[batch.start:batch.start + t] += batch.iou.double().numpy() * areas
         run.iou_weight[batch.start:batch.start + t] += areas
     return values

@@ -11,21 +11,34 @@ from torch import nn
 
 @dataclass
 class Activated:
-    """The three branches fed to the prompter and the activation maps.
+    """The activation maps, and the three branches fed to the prompter (computed when asked for).
 
     Attributes:
-        local: ``B x D x h x w``, (V + mean over real tokens of A_t * V) / 2.
-        global_: ``B x D x h x w``, A_g * V.
         visual: ``B x D x h x w``, the patch features V themselves.
         global_logits: ``B x 1 x h x w``, scale * cos(V, pooled) + bias (A_g = sigmoid of it).
         local_map: ``B x 1 x h x w``, the mean over real tokens of A_t.
+
+    Properties ``local`` (``B x D x h x w``, (V + mean over real tokens of A_t * V) / 2) and
+    ``global_`` (``B x D x h x w``, A_g * V) are per-pixel multiples of V: a prompter that projects
+    V once per image (:mod:`rsrefseg.modeling.fast_prompter`) never builds them.
     """
 
-    local: torch.Tensor
-    global_: torch.Tensor
     visual: torch.Tensor
     global_logits: torch.Tensor
     local_map: torch.Tensor
+
+    @property
+    def local(self) -> torch.Tensor:
+        v = self.visual.float()
+        return ((v + self.local_map * v) / 2.0).to(self.visual.dtype)  # mean_t(A_t * V) == mean_t(A_t) * V
+
+    @property
+    def global_(self) -> torch.Tensor:
+        return (torch.sigmoid(self.global_logits) * self.visual.float()).to(self.visual.dtype)
+
+    def scales(self) -> dict[str, torch.Tensor | None]:
+        """Branch name -> ``B x 1 x h x w`` factor of V in that branch (``None``: 1, V itself)."""
+        return {"local": (1.0 + self.local_map) / 2.0, "global": torch.sigmoid(self.global_logits), "visual": None}
 
 
 class TextActivation(nn.Module):
@@ -70,14 +83,4 @@ class TextActivation(nn.Module):
         # Global: one cosine map with the pooled embedding, B x 1 x h x w.
         global_logits = scale * torch.einsum("bdhw,bd->bhw", v_norm, p_norm).unsqueeze(1) + bias
 
-        v = visual.float()
-        local = (v + local_map * v) / 2.0  # mean_t(A_t * V) == mean_t(A_t) * V
-        global_ = torch.sigmoid(global_logits) * v
-        dtype = visual.dtype
-        return Activated(
-            local=local.to(dtype),
-            global_=global_.to(dtype),
-            visual=visual,
-            global_logits=global_logits,
-            local_map=local_map,
-        )
+        return Activated(visual=visual, global_logits=global_logits, local_map=local_map)

@@ -8,6 +8,10 @@
   CPU inference;
 - :func:`rsrefseg.modeling.fast_attention.enable_fast_attention`: CLIP/SigLIP attention that is
   fast in bf16 on the CPU;
+- :func:`rsrefseg.modeling.fast_decoder.enable_fast_decoder`: SAM's mask decoder with the image
+  tokens projected once per layer and upscaled channels-last (decoding further expressions);
+- :func:`rsrefseg.modeling.fast_prompter.enable_fast_prompter`: the prompter's input projection
+  once per image instead of once per expression;
 - ``precision="bf16"``: the SAM image encoder and the CLIP/SigLIP towers in bfloat16 (about 2x
   the matmul throughput on CPUs with AVX-512 BF16 or AMX, half their memory); the light head stays
   fp32 (:func:`cast_encoders`). Off by default: see the README for measured speed and mask
@@ -102,10 +106,12 @@ def optimize_for_inference(model: nn.Module, precision: str = "fp32", fallback: 
 
     Returns:
         What was done: ``{"precision" (the one used), "requested_precision", "fast_sam_layers",
-        "fast_linear_layers", "fast_attention_models"}``, plus ``"fallback"`` (the reason) when
+        "fast_linear_layers", "fast_attention_models", "fast_decoders", "fast_prompters"}``, plus ``"fallback"`` (the reason) when
         the precision was not applied and ``"cast"`` (the cast modules) for bf16.
     """
     from rsrefseg.modeling.fast_attention import enable_fast_attention
+    from rsrefseg.modeling.fast_decoder import enable_fast_decoder
+    from rsrefseg.modeling.fast_prompter import enable_fast_prompter
     from rsrefseg.modeling.fast_sam import enable_fast_linear, enable_fast_sam
 
     dtype = parse_precision(precision)
@@ -130,6 +136,8 @@ def optimize_for_inference(model: nn.Module, precision: str = "fp32", fallback: 
         "fast_sam_layers": enable_fast_sam(model),
         "fast_linear_layers": enable_fast_linear(model),
         "fast_attention_models": enable_fast_attention(model),
+        "fast_decoders": enable_fast_decoder(model),
+        "fast_prompters": enable_fast_prompter(model),
     }
     if reason is not None:
         info["fallback"] = reason
@@ -179,15 +187,19 @@ def fast_kernels(model: nn.Module) -> Iterator[dict[str, int]]:
     before the block stay fast after it. Yields the counts of layers switched on.
     """
     from rsrefseg.modeling.fast_attention import _towers, disable_fast_attention, enable_fast_attention
+    from rsrefseg.modeling.fast_decoder import FastSamMaskDecoder, disable_fast_decoder, enable_fast_decoder
     from rsrefseg.modeling.fast_linear import _MLP_ORIGINAL
+    from rsrefseg.modeling.fast_prompter import FastPrompter, disable_fast_prompter, enable_fast_prompter
     from rsrefseg.modeling.fast_sam import FastLinear, enable_fast_linear, enable_fast_sam
 
     originals = {id(m) for m in model.modules() if "_rsrefseg_original_class" in m.__dict__}
     towers = {id(t) for t in _towers(model) if "_rsrefseg_original_attn" in t.__dict__}
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     plain_mlps = [m for m in model.modules() if _MLP_ORIGINAL not in m.__dict__]  # fused MLPs stay fused after
+    fast_heads = {id(m) for m in model.modules() if isinstance(m, (FastSamMaskDecoder, FastPrompter))}
     info = {"fast_sam_layers": enable_fast_sam(model), "fast_linear_layers": enable_fast_linear(model),
-            "fast_attention_models": enable_fast_attention(model)}
+            "fast_attention_models": enable_fast_attention(model), "fast_decoders": enable_fast_decoder(model),
+            "fast_prompters": enable_fast_prompter(model)}
     try:
         yield info
     finally:
@@ -204,3 +216,10 @@ def fast_kernels(model: nn.Module) -> Iterator[dict[str, int]]:
         for tower in _towers(model):
             if id(tower) not in towers:
                 disable_fast_attention(tower)
+        for module in list(model.modules()):
+            if id(module) in fast_heads:
+                continue
+            if isinstance(module, FastSamMaskDecoder):
+                disable_fast_decoder(module)
+            elif isinstance(module, FastPrompter):
+                disable_fast_prompter(module)

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers.models.sam.modeling_sam import SamLayerNorm, SamPositionalEmbedding
 
+from rsrefseg.modeling.activation import Activated
+
 
 def grid_positional_encoding(pe_layer: SamPositionalEmbedding, height: int, width: int) -> torch.Tensor:
     """SAM's random-Fourier positional encoding of an ``height x width`` grid of cell centres.
@@ -90,7 +92,26 @@ class Prompter(nn.Module):
         maps = {"local": local, "global": global_, "visual": visual}
         x = torch.cat([maps[name] for name in self.branches], dim=1)  # B x (n_branches * D) x h x w
         x = x.to(self.output_proj.weight.dtype)
-        x = self.input_proj(x)  # B x C x h x w
+        return self.tokens_from_projection(self.input_proj(x), pe_layer)  # B x C x h x w -> B x N x C
+
+    def prompt_tokens(
+        self,
+        act: Activated,
+        pe_layer: SamPositionalEmbedding,
+        images: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sparse prompt tokens ``T x N x C`` of ``T`` activated expressions (:meth:`forward` on its maps).
+
+        ``images`` (``B x D x h x w`` patch features of the distinct images) and ``image_index``
+        (``T`` indices into them) say which image each expression's ``act.visual`` is; this class
+        does not need them, :class:`rsrefseg.modeling.fast_prompter.FastPrompter` projects each image
+        once with them.
+        """
+        return self(act.local, act.global_, act.visual, pe_layer)  # type: ignore[no-any-return]
+
+    def tokens_from_projection(self, x: torch.Tensor, pe_layer: SamPositionalEmbedding) -> torch.Tensor:
+        """After ``input_proj``: ``B x C x h x w`` -> sparse tokens ``B x N x C``."""
         x = x + grid_positional_encoding(pe_layer, x.shape[-2], x.shape[-1]).to(x.dtype)
         x = self.down(x)  # B x C x h' x w'
         x = self.output_proj(x)

@@ -154,7 +154,7 @@ class RSRefSeg(nn.Module):
             image_index: ``T`` indices into the ``B`` images (default: expression i on image i).
         """
         sam_emb, clip_patches = image.sam, image.clip
-        if image_index is not None:
+        if image_index is not None:  # B images -> T (one per expression)
             sam_emb, clip_patches = sam_emb[image_index], clip_patches[image_index]
         t = text.tokens.shape[0]
         if sam_emb.shape[0] != t:
@@ -165,7 +165,7 @@ class RSRefSeg(nn.Module):
         sparse: torch.Tensor | None = None
         if self.config.use_sparse_prompt:
             pe_layer = self.sam.shared_image_embedding
-            tokens = self.prompter(act.local, act.global_, act.visual, pe_layer)  # T x N x C
+            tokens = self.prompter.prompt_tokens(act, pe_layer, image.clip, image_index)  # T x N x C
             sparse = tokens.to(dtype).unsqueeze(1)  # T x N x C -> T x 1 x N x C (one prompt set)
         if self.config.use_dense_prompt:
             size = (self.mask_input_size, self.mask_input_size)
