@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -35,7 +34,7 @@ import time
 import weakref
 import zipfile
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +53,7 @@ from rsrefseg.demo_limits import (
     name_only,
     parse_expressions,
 )
+from rsrefseg.demo_report import DemoResult, markdown_table, preview, safe_stem
 from rsrefseg.errors import ConfigError, DataError, RSRefSegError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,31 +61,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from rsrefseg.inference.geo import GeoReference
     from rsrefseg.inference.predictor import Predictor
-    from rsrefseg.inference.scene import ScenePrediction, SceneSource
+    from rsrefseg.inference.scene import SceneSource
     from rsrefseg.inference.tiling import TileCache
 
 __all__ = ["DEFAULT_MAX_EXPRESSIONS", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_TILE_CACHE_MB",
            "DEFAULT_TILE_THRESHOLD", "MAX_BANDS_CHARS", "PREVIEW_MAX_SIDE", "UPLOAD_TYPES", "DemoResult", "DemoService",
            "Limits", "check_upload", "max_text_chars", "parse_expressions"]
-
-
-@dataclass
-class DemoResult:
-    """What one run shows and offers.
-
-    Attributes:
-        overlays: ``(png path, caption)`` per expression, caption = the expression and its score.
-        heatmaps: ``(png path, caption)`` per expression: the text-activation heatmap.
-        downloads: The zip of every file first, then the mask PNGs, GeoJSONs and GeoTIFF masks.
-        summary: A Markdown table (expression, score, mask pixels, polygons, area).
-        records: The per-expression summary records of :func:`write_prediction_outputs`.
-    """
-
-    overlays: list[tuple[str, str]]
-    heatmaps: list[tuple[str, str]]
-    downloads: list[str]
-    summary: str
-    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -117,47 +98,6 @@ class _Loaded:
     def bands(self) -> tuple[int, ...] | None:
         """The parsed band choice (part of the cache key)."""
         return self.key[3]
-
-
-def _preview(rgb: np.ndarray) -> np.ndarray:
-    """Downscale ``H x W x 3`` uint8 so that its longest side is at most :data:`PREVIEW_MAX_SIDE`."""
-    import numpy as np
-    from PIL import Image
-
-    h, w = rgb.shape[:2]
-    scale = PREVIEW_MAX_SIDE / max(h, w)
-    if scale >= 1:
-        return rgb
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
-
-
-def _safe_stem(path: Path) -> str:
-    return re.sub(r"[^\w.-]+", "_", path.stem).strip("._") or "image"
-
-
-def _markdown_table(name: str, loaded: _Loaded, records: list[dict[str, Any]], seconds: float,
-                    scene: ScenePrediction | None = None) -> str:
-    geo = "georeferenced" if loaded.georef is not None else "not georeferenced (no GeoJSON)"
-    tiled = ""
-    if scene is not None:
-        tiled = (f", segmented tile by tile at native resolution (windows: {scene.tiles}, without valid "
-                 f"pixels: {scene.skipped_tiles}, already encoded: {scene.cached_tiles})")
-    lines = [
-        f"**{name}**: {loaded.width} x {loaded.height} px, {geo}{tiled}; {len(records)} expression(s) in "
-        f"{seconds:.1f} s",
-        "",
-        "| # | expression | score | mask pixels | polygons | area (m²) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for i, r in enumerate(records, start=1):
-        area = r.get("area_m2")
-        text = r["expression"].replace("|", "\\|")
-        lines.append(
-            f"| {i} | {text} | {r['score']:.3f} | {r['mask_pixels']} | {r.get('polygons', '-')} | "
-            f"{'-' if area is None else f'{area:,.0f}'} |"
-        )
-    return "\n".join(lines)
 
 
 class DemoService:
@@ -224,7 +164,7 @@ class DemoService:
             georef = read_georeference(path) if raster.transform is not None else None
             self.predictor.set_image(raster)
             self.encodes += 1
-            new = _Loaded(key, _preview(raster.rgb), georef, raster.height, raster.width)
+            new = _Loaded(key, preview(raster.rgb), georef, raster.height, raster.width)
             self._replace(new)
         return new
 
@@ -383,7 +323,7 @@ class DemoService:
                 predictions = self.predictor.predict(expressions, threshold=logit)
             run_dir = self._new_run_dir(out_dir)
         try:
-            folder = run_dir / _safe_stem(source)
+            folder = run_dir / safe_stem(source)
             names = expression_names(expressions)
             records = [
                 write_prediction_outputs(folder, name, p, loaded.preview, source.name, loaded.georef)
@@ -404,5 +344,5 @@ class DemoService:
         overlays = [
             (str(folder / r["overlay_png"]), f"{r['expression']} (score {r['score']:.2f})") for r in records
         ]
-        summary = _markdown_table(source.name, loaded, records, time.perf_counter() - start, scene)
+        summary = markdown_table(source.name, loaded, records, time.perf_counter() - start, scene)
         return DemoResult(overlays, heatmaps, downloads, summary, records)
