@@ -12,12 +12,16 @@ from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 from transformers.activations import ACT2FN
 
 from rsrefseg.modeling.fast_linear import (
+    LINEAR_KERNEL_ENV,
     FastLinear,
+    cpu_flags,
     disable_fast_linear,
     enable_fast_linear,
+    fp32_linear_kernel,
     fused_mlp,
     gelu_algorithm,
     onednn_linear_supported,
+    onednn_ok,
 )
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -33,9 +37,44 @@ def test_gelu_algorithms() -> None:
     assert gelu_algorithm(functools.partial(F.gelu, approximate="tanh")) is None  # a bare function, no .act
 
 
+def test_fp32_kernel_rule_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    flags = cpu_flags()
+    monkeypatch.delenv(LINEAR_KERNEL_ENV, raising=False)
+    expected = "blas" if "avx2" in flags and "avx512f" not in flags else "onednn"
+    assert fp32_linear_kernel() == expected
+    x, w = torch.ones(2, 8), torch.ones(4, 8)
+    for kernel in ("onednn", "blas", "auto"):
+        monkeypatch.setenv(LINEAR_KERNEL_ENV, kernel)
+        chosen = expected if kernel == "auto" else kernel
+        assert fp32_linear_kernel() == chosen
+        with torch.no_grad():
+            assert onednn_ok(x, w) == (chosen == "onednn" and onednn_linear_supported(torch.float32))
+    monkeypatch.setenv(LINEAR_KERNEL_ENV, "nonsense")  # unknown values: the rule
+    assert fp32_linear_kernel() == expected
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "blas"])
+def test_fast_linear_equals_plain_with_either_kernel(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LINEAR_KERNEL_ENV, kernel)
+    torch.manual_seed(0)
+    plain = nn.Linear(48, 40)
+    fast = nn.Linear(48, 40)
+    fast.load_state_dict(plain.state_dict())
+    enable_fast_linear(fast)
+    x = torch.randn(5, 48)
+    calls: list[int] = []
+    original = torch.ops.mkldnn._linear_pointwise
+    with torch.no_grad(), monkeypatch.context() as m:
+        m.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or original(*a))
+        out = fast(x)
+    torch.testing.assert_close(out, plain(x).detach(), rtol=1e-5, atol=1e-6)
+    assert bool(calls) == (kernel == "onednn" and onednn_linear_supported(torch.float32))
+
+
 @needs_onednn
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
-def test_fused_mlp_equals_plain(act: str) -> None:
+def test_fused_mlp_equals_plain(act: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LINEAR_KERNEL_ENV, "onednn")
     torch.manual_seed(0)
     lin1, lin2, fn = nn.Linear(48, 96), nn.Linear(96, 40), ACT2FN[act]
     x = torch.randn(3, 17, 48) * 3  # the GELU's curved part and both tails
@@ -46,6 +85,8 @@ def test_fused_mlp_equals_plain(act: str) -> None:
     assert (out - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
     assert fused_mlp(lin1, ACT2FN["quick_gelu"], lin2, x) is None  # not a GELU oneDNN fuses
     assert fused_mlp(lin1, fn, lin2, x.requires_grad_()) is None  # autograd: the module's own forward
+    monkeypatch.setenv(LINEAR_KERNEL_ENV, "blas")  # BLAS linears: the module's own (unfused) forward
+    assert fused_mlp(lin1, fn, lin2, x.detach()) is None
 
 
 def _models() -> list[nn.Module]:

@@ -45,14 +45,9 @@ def scaled(timing: dict[str, Any], divisor: float) -> dict[str, Any]:
 
 def cpu_flags() -> set[str]:
     """The CPU feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    from rsrefseg.modeling.fast_linear import cpu_flags as flags
+
+    return flags()
 
 
 def cpu_model() -> str:

@@ -1,8 +1,9 @@
 """oneDNN linears for CPU inference, with the bias and the MLPs' GELU fused (same parameters).
 
 - :class:`FastLinear`: ``nn.Linear`` whose inference forward is oneDNN's inner product
-  (``mkldnn._linear_pointwise``) with the bias fused; training, autocast, other devices and dtypes
-  oneDNN has no kernel for (:func:`onednn_linear_supported`) use ``F.linear`` unchanged;
+  (``mkldnn._linear_pointwise``) with the bias fused; training, autocast, other devices, dtypes
+  oneDNN has no kernel for (:func:`onednn_linear_supported`) and fp32 on CPUs where the BLAS GEMM
+  is faster (:func:`fp32_linear_kernel`) use ``F.linear`` unchanged;
 - :func:`mlp_forward` / :func:`fused_mlp`: ``lin1 -> GELU -> lin2`` with ``lin1 + GELU`` as one oneDNN
   op (exact GELU for SAM; the tanh approximation, ``gelu_pytorch_tanh``, for SigLIP), when both
   layers are plain linears (after ``merge_lora``; LoRA layers are always called as modules) and
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -39,8 +41,49 @@ def onednn_linear_supported(dtype: torch.dtype) -> bool:
     return True
 
 
+#: Environment variable that overrides :func:`fp32_linear_kernel`: ``onednn``, ``blas`` or ``auto``.
+LINEAR_KERNEL_ENV = "RSREFSEG_LINEAR_KERNEL"
+LINEAR_KERNELS = ("onednn", "blas")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags (Linux ``/proc/cpuinfo`` ``flags`` / ``Features``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def _auto_fp32_kernel() -> str:
+    flags = cpu_flags()
+    return "blas" if "avx2" in flags and "avx512f" not in flags else "onednn"
+
+
+def fp32_linear_kernel() -> str:
+    """The kernel of fp32 linears in CPU inference: ``"onednn"`` or ``"blas"`` (``F.linear``'s ``addmm``).
+
+    Measured at the model's own shapes (``python -m rsrefseg.bench.kernels``): on AMD Zen 5 with
+    AVX-512 oneDNN's linear runs ~2x the BLAS GEMM of this PyTorch build; on an AVX2-only AMD Zen 3
+    ``addmm`` is 4-16 % faster than oneDNN on every encoder shape (SAM ViT-B, SigLIP), 1 and 2
+    threads. So x86 CPUs with AVX2 but without AVX-512 take ``blas``, all others ``onednn``; the
+    rule reads CPU flags, not timings, so a machine always computes the same numbers. The
+    environment variable :data:`LINEAR_KERNEL_ENV` (``onednn``/``blas``/``auto``) overrides it,
+    read at each call.
+    """
+    chosen = os.environ.get(LINEAR_KERNEL_ENV, "auto").strip().lower()
+    if chosen in LINEAR_KERNELS:
+        return chosen
+    return _auto_fp32_kernel()
+
+
 def onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's ``mkldnn._linear_pointwise`` may run this linear (CPU inference only)."""
+    """Whether oneDNN's ``mkldnn._linear_pointwise`` may run this linear (CPU inference only) and is
+    the kernel to use (:func:`fp32_linear_kernel` for fp32; bf16 always, BLAS has no fast bf16)."""
     return (
         x.device.type == "cpu"
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -50,6 +93,7 @@ def onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
         and onednn_linear_supported(x.dtype)
+        and (x.dtype != torch.float32 or fp32_linear_kernel() == "onednn")
     )
 
 

@@ -55,17 +55,6 @@ class PrecisionFallbackWarning(RuntimeWarning):
     """A lower precision was asked for where it is slower than fp32 (see :func:`bf16_cpu_support`)."""
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def bf16_cpu_support() -> str:
     """How this CPU runs bf16 matmuls in PyTorch: ``"native"``, ``"emulated"`` or ``"none"``.
 
@@ -77,11 +66,11 @@ def bf16_cpu_support() -> str:
     - ``"native"``: ``avx512_bf16``/``amx_bf16`` on x86, or any CPU whose flags are not x86 (arm64
       with oneDNN bf16 support).
     """
-    from rsrefseg.modeling.fast_linear import onednn_linear_supported
+    from rsrefseg.modeling.fast_linear import cpu_flags, onednn_linear_supported
 
     if not onednn_linear_supported(torch.bfloat16):
         return "none"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if "avx2" in flags and not ({"avx512_bf16", "amx_bf16"} & flags):
         return "emulated"
     return "native"
