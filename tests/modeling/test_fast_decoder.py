@@ -90,6 +90,24 @@ def test_positional_terms_are_cached_and_follow_parameter_and_encoding_changes()
         _close(masks_other, dec(**other, multimask_output=False)[0])
 
 
+def test_parameters_made_under_inference_mode_are_not_cached() -> None:
+    """Inference tensors have no version counter: the terms are computed on every call, and an
+    in-place change of such a parameter is seen."""
+    with torch.inference_mode():
+        dec = make_decoder()
+        copy = make_decoder()
+        enable_fast_decoder(dec)
+        args = inputs()
+        first, _ = dec(**args, multimask_output=False)
+        assert fast_decoder._CACHE not in dec.__dict__
+        for module in (dec, copy):
+            module.transformer.layers[0].cross_attn_token_to_image.k_proj.weight.add_(0.5)
+        changed, _ = dec(**args, multimask_output=False)
+        ref, _ = copy(**args, multimask_output=False)
+    assert not torch.allclose(first, changed)
+    _close(changed, ref)
+
+
 def test_gradients_and_prompt_batches_use_the_reference_forward() -> None:
     dec = make_decoder()
     args = inputs()

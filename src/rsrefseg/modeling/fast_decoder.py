@@ -118,9 +118,13 @@ class FastSamMaskDecoder(SamMaskDecoder):
         pe1 = pe[0].to(self.iou_token.weight.dtype).flatten(1).transpose(0, 1)  # C x h x w -> N x C
         params = [p for m in self._image_attentions() for p in (m.q_proj.weight, m.q_proj.bias, m.k_proj.weight,
                                                                 m.k_proj.bias, m.v_proj.weight, m.v_proj.bias)]
-        key = (pe1.device, pe1.dtype, pe1.shape, tuple((id(p), p._version, p.device) for p in params))
+        # Inference tensors (parameters made under torch.inference_mode) have no version counter,
+        # so an in-place change could not be seen: no cache for them.
+        cacheable = not any(p.is_inference() for p in params)
+        key = (pe1.device, pe1.dtype, pe1.shape, tuple((id(p), p._version, p.device) for p in params)) \
+            if cacheable else None
         cached = self.__dict__.get(_CACHE)
-        if cached is not None and cached[0] == key and torch.equal(cached[1], pe1):
+        if cacheable and cached is not None and cached[0] == key and torch.equal(cached[1], pe1):
             return cached[2]  # type: ignore[no-any-return]
         terms = []
         for layer in self.transformer.layers:
@@ -132,7 +136,8 @@ class FastSamMaskDecoder(SamMaskDecoder):
         final = self.transformer.final_attn_token_to_image
         weight = torch.cat([final.k_proj.weight, torch.zeros_like(final.v_proj.weight)])
         terms.append(torch.addmm(torch.cat([final.k_proj.bias, final.v_proj.bias]), pe1, weight.t()))  # N x 2c
-        self.__dict__[_CACHE] = (key, pe1.clone(), terms)
+        if cacheable:
+            self.__dict__[_CACHE] = (key, pe1.clone(), terms)
         return terms
 
     def _image_attentions(self) -> list[SamAttention]:
