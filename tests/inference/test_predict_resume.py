@@ -112,7 +112,11 @@ def test_interrupted_run_lists_every_file_on_disk(make_geotiff, tiny_checkpoint,
     tiling = ["--tile-threshold", "1", "--tile", "64", "--overlap", "16", "--batch-size", "4"] if tiled else []
     cmd = [sys.executable, "-m", "rsrefseg", "predict", str(image), "--texts-file", str(texts), "--checkpoint",
            str(tiny_checkpoint), "--out", str(out), "--quiet", "--batch-size", "2", *tiling]
-    job = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # The job gets SIGINT's default disposition, as in a terminal, whatever this test process
+    # inherited (an ignored SIGINT is inherited across exec: a runner started in the background by
+    # a shell without job control ignores it, and the job would then finish instead of stopping).
+    job = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while len(list(out.glob("scene/*.overlay.png"))) < 3 and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

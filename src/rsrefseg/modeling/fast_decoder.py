@@ -33,18 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.sam.modeling_sam import SamAttention, SamMaskDecoder
 
-from rsrefseg.modeling.fast_linear import onednn_linear, onednn_ok
+from rsrefseg.modeling.class_swap import restore_classes, swap_classes
+from rsrefseg.modeling.fast_linear import fast_linear
 
 #: Attribute holding the class before :func:`enable_fast_decoder` (and the cached positional terms).
 _ORIGINAL = "_rsrefseg_decoder_original_class"
 _CACHE = "_rsrefseg_decoder_cache"
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight^T + bias`` (oneDNN on the CPU where it applies). ``... x K`` -> ``... x N``."""
-    if onednn_ok(x, weight):
-        return onednn_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -158,7 +152,7 @@ class FastSamMaskDecoder(SamMaskDecoder):
         queries = layer.layer_norm1(queries)
         t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         weight = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # 3c x C
-        proj = _linear(x, weight, None).add_(pe_terms[index])  # B x N x 3c: keys, values, image queries
+        proj = fast_linear(x, weight, None).add_(pe_terms[index])  # B x N x 3c: keys, values, image queries
         cdim = t2i.k_proj.weight.shape[0]
         # Tokens attend to the image.
         q_tok = t2i.q_proj(queries + point)[:, 0]  # B x 1 x Nt x c -> B x Nt x c
@@ -169,7 +163,7 @@ class FastSamMaskDecoder(SamMaskDecoder):
         k_tok = i2t.k_proj(queries + point)[:, 0]
         v_tok = i2t.v_proj(queries)[:, 0]
         attn = _attend(i2t, proj[..., 2 * cdim:], k_tok, v_tok)  # B x N x c
-        x = _linear(attn, i2t.out_proj.weight, i2t.out_proj.bias).add_(x)
+        x = fast_linear(attn, i2t.out_proj.weight, i2t.out_proj.bias).add_(x)
         x = F.layer_norm(x, (x.shape[-1],), layer.layer_norm4.weight, layer.layer_norm4.bias, layer.layer_norm4.eps)
         return queries, x
 
@@ -178,7 +172,7 @@ class FastSamMaskDecoder(SamMaskDecoder):
         """The final token-to-image attention and norm -> tokens ``B x 1 x Nt x C``."""
         final = self.transformer.final_attn_token_to_image
         weight = torch.cat([final.k_proj.weight, final.v_proj.weight])  # 2c x C
-        proj = _linear(x, weight, None).add_(pe_terms[-1])  # B x N x 2c
+        proj = fast_linear(x, weight, None).add_(pe_terms[-1])  # B x N x 2c
         cdim = final.k_proj.weight.shape[0]
         q_tok = final.q_proj(queries + point)[:, 0]
         attn = _attend(final, q_tok, proj[..., :cdim], proj[..., cdim:])
@@ -213,28 +207,15 @@ def _subpixel_linear(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
     # Cin x Cout x 2 x 2 -> 2 x 2 x Cout x Cin -> (4 Cout) x Cin: one output row per (a, b, channel).
     weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin)
     bias = conv.bias.repeat(4) if conv.bias is not None else None
-    out = _linear(x, weight.contiguous(), bias)  # B x N x 4Cout
+    out = fast_linear(x, weight.contiguous(), bias)  # B x N x 4Cout
     return out.view(*x.shape[:-1], 4, cout)
 
 
 def enable_fast_decoder(model: nn.Module) -> int:
     """Switch every ``SamMaskDecoder`` in ``model`` to :class:`FastSamMaskDecoder`, in place; returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is SamMaskDecoder:
-            module.__dict__[_ORIGINAL] = SamMaskDecoder
-            module.__class__ = FastSamMaskDecoder
-        count += isinstance(module, FastSamMaskDecoder)
-    return count
+    return swap_classes(model, SamMaskDecoder, FastSamMaskDecoder, _ORIGINAL)
 
 
 def disable_fast_decoder(model: nn.Module) -> int:
-    """Undo :func:`enable_fast_decoder`; returns the number of decoders switched back."""
-    count = 0
-    for module in model.modules():
-        original = module.__dict__.pop(_ORIGINAL, None)
-        module.__dict__.pop(_CACHE, None)
-        if original is not None:
-            module.__class__ = original
-            count += 1
-    return count
+    """Undo :func:`enable_fast_decoder` (dropping the cached positional terms); returns how many."""
+    return restore_classes(model, _ORIGINAL, drop=(_CACHE,))

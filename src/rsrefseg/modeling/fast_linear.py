@@ -113,6 +113,13 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.view(*shape[:-1], out.shape[-1])  # M x N -> ... x N
 
 
+def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight^T + bias``: oneDNN where :func:`onednn_ok`, else ``F.linear``. ``... x K`` -> ``... x N``."""
+    if onednn_ok(x, weight):
+        return onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class FastLinear(nn.Linear):
     """``nn.Linear`` that runs through oneDNN for CPU inference (same parameters; class swap).
 
@@ -122,9 +129,7 @@ class FastLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if onednn_ok(x, self.weight):
-            return onednn_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return fast_linear(x, self.weight, self.bias)
 
 
 _PLAIN_LINEARS = (nn.Linear, FastLinear)

@@ -21,7 +21,8 @@ from torch import nn
 from transformers.models.sam.modeling_sam import SamPositionalEmbedding
 
 from rsrefseg.modeling.activation import Activated
-from rsrefseg.modeling.fast_linear import onednn_linear, onednn_ok
+from rsrefseg.modeling.class_swap import restore_classes, swap_classes
+from rsrefseg.modeling.fast_linear import fast_linear
 from rsrefseg.modeling.prompter import Prompter
 
 #: Attribute holding the class before :func:`enable_fast_prompter`.
@@ -49,10 +50,7 @@ class FastPrompter(Prompter):
         # C x nD x 1 x 1 -> C x n x D -> n x C x D -> nC x D: one row per (branch, output channel).
         weight = conv.weight.view(c, n, d).transpose(0, 1).reshape(n * c, d)
         tokens = images.to(dtype).flatten(2).transpose(1, 2)  # B x D x h x w -> B x hw x D
-        if onednn_ok(tokens, weight):
-            proj = onednn_linear(tokens.contiguous(), weight.contiguous(), None)
-        else:
-            proj = tokens @ weight.t()
+        proj = fast_linear(tokens.contiguous(), weight.contiguous(), None)
         proj = proj.view(b, h * w, n, c)  # B x hw x nC -> B x hw x n x C
         if image_index is not None:
             proj = proj[image_index]  # B -> T
@@ -72,21 +70,9 @@ class FastPrompter(Prompter):
 
 def enable_fast_prompter(model: nn.Module) -> int:
     """Switch every :class:`Prompter` in ``model`` to :class:`FastPrompter`, in place; returns how many."""
-    count = 0
-    for module in model.modules():
-        if type(module) is Prompter:
-            module.__dict__[_ORIGINAL] = Prompter
-            module.__class__ = FastPrompter
-        count += isinstance(module, FastPrompter)
-    return count
+    return swap_classes(model, Prompter, FastPrompter, _ORIGINAL)
 
 
 def disable_fast_prompter(model: nn.Module) -> int:
     """Undo :func:`enable_fast_prompter`; returns the number of prompters switched back."""
-    count = 0
-    for module in model.modules():
-        original = module.__dict__.pop(_ORIGINAL, None)
-        if original is not None:
-            module.__class__ = original
-            count += 1
-    return count
+    return restore_classes(model, _ORIGINAL)
