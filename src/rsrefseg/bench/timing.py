@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from rsrefseg.modeling.fast_linear import cpu_flags
+
 
 def time_fn(fn: Callable[[], Any], reps: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run ``fn`` ``warmup`` times untimed, then ``reps`` times; wall-clock seconds.
@@ -41,13 +43,6 @@ def scaled(timing: dict[str, Any], divisor: float) -> dict[str, Any]:
     out["times_s"] = [t / divisor for t in timing["times_s"]]
     out["per"] = divisor
     return out
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    from rsrefseg.modeling.fast_linear import cpu_flags as flags
-
-    return flags()
 
 
 def cpu_model() -> str:

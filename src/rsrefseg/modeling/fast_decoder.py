@@ -43,9 +43,7 @@ _CACHE = "_rsrefseg_decoder_cache"
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``B x N x (heads*d)`` (any strides, last dimension contiguous) -> ``B x heads x N x d`` view."""
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2) if x.is_contiguous() else \
-        x.unflatten(-1, (heads, c // heads)).transpose(1, 2)
+    return x.unflatten(-1, (heads, x.shape[-1] // heads)).transpose(1, 2)
 
 
 def _attend(attn: SamAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
