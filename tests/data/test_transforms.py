@@ -67,6 +67,19 @@ def test_mask_and_logits_round_trip(mode: str, shape: tuple[int, int]) -> None:
     assert _iou(back[1, 0].numpy() > 0, mask) > 0.97
 
 
+@pytest.mark.parametrize("mode", ["stretch", "longest_side"])
+def test_logits_of_an_image_at_the_input_size_come_back_unchanged(mode: str) -> None:
+    meta = make_meta(64, 64, 64, mode)
+    logits = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 20
+    back = logits_to_original(logits, meta)
+    # The shortcut returns the input; the bilinear resize it skips gives the same values bit for bit.
+    resized = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False)
+    assert back is logits and torch.equal(resized, logits)
+    assert logits_to_original(logits.double(), meta).dtype == torch.float64
+    ints = logits_to_original((logits > 0).to(torch.uint8), meta)  # non-float input: resized as float
+    assert ints.dtype == torch.float32 and torch.equal(ints, (logits > 0).float())
+
+
 def test_nearest_mask_resize_keeps_area() -> None:
     mask = np.zeros((100, 100), dtype=bool)
     mask[10:30, 40:90] = True

@@ -131,6 +131,13 @@ def test_helpers():
     mask = torch.tensor([[True, False], [False, False]])
     assert mask_score(logits, mask) == pytest.approx(0.5)
     assert mask_score(logits, torch.zeros_like(mask)) == 0.0
+    # A scene-sized map: the mean over the mask pixels as float64 over the selected values.
+    gen = torch.Generator().manual_seed(0)
+    big = torch.randn(700, 900, generator=gen) * 4
+    sel = (big > 0.5) & (torch.rand(700, 900, generator=gen) > 0.3)
+    expected = float(torch.sigmoid(big.double())[sel].mean())
+    assert mask_score(big, sel) == pytest.approx(expected, rel=1e-6)
+    assert mask_score(big[0], sel[0]) == pytest.approx(float(torch.sigmoid(big[0].double())[sel[0]].mean()), rel=1e-6)
 
 
 def test_from_pretrained_and_lazy_export(tiny_checkpoint):

@@ -10,6 +10,7 @@ from transformers.models.sam.modeling_sam import SamMaskDecoder
 
 from rsrefseg.modeling import fast_decoder
 from rsrefseg.modeling.fast_decoder import FastSamMaskDecoder, disable_fast_decoder, enable_fast_decoder
+from rsrefseg.modeling.fast_linear import LINEAR_KERNEL_ENV
 
 TOL = 1e-4
 
@@ -44,10 +45,13 @@ def _close(fast: torch.Tensor, ref: torch.Tensor) -> None:
     assert float((fast - ref).abs().max()) <= TOL * scale
 
 
+@pytest.mark.parametrize("kernel", ["auto", "blas", "onednn"])
 @pytest.mark.parametrize("multimask", [False, True])
 @pytest.mark.parametrize("tokens", [5, None])
 @pytest.mark.parametrize("layers", [1, 2])
-def test_matches_reference(multimask: bool, tokens: int | None, layers: int) -> None:
+def test_matches_reference(multimask: bool, tokens: int | None, layers: int, kernel: str,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LINEAR_KERNEL_ENV, kernel)  # the fused upscaling GELU (oneDNN) and the in-place one (BLAS)
     dec = make_decoder(layers=layers)
     args = inputs(tokens=tokens)
     with torch.no_grad():

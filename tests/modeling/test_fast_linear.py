@@ -13,6 +13,7 @@ from transformers.activations import ACT2FN
 
 from rsrefseg.modeling.fast_linear import (
     LINEAR_KERNEL_ENV,
+    SMALL_K,
     FastLinear,
     cpu_flags,
     disable_fast_linear,
@@ -40,15 +41,20 @@ def test_gelu_algorithms() -> None:
 def test_fp32_kernel_rule_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
     flags = cpu_flags()
     monkeypatch.delenv(LINEAR_KERNEL_ENV, raising=False)
-    expected = "blas" if "avx2" in flags and "avx512f" not in flags else "onednn"
-    assert fp32_linear_kernel() == expected
-    x, w = torch.ones(2, 8), torch.ones(4, 8)
+    avx2_only = "avx2" in flags and "avx512f" not in flags
+    expected = "blas" if avx2_only else "onednn"
+    assert fp32_linear_kernel() == expected == fp32_linear_kernel(SMALL_K + 1)
+    assert fp32_linear_kernel(SMALL_K) == "onednn"  # narrow linears (the mask decoder): oneDNN everywhere
+    x, w = torch.ones(2, SMALL_K + 8), torch.ones(4, SMALL_K + 8)
+    narrow_x, narrow_w = torch.ones(2, 8), torch.ones(4, 8)
     for kernel in ("onednn", "blas", "auto"):
         monkeypatch.setenv(LINEAR_KERNEL_ENV, kernel)
         chosen = expected if kernel == "auto" else kernel
         assert fp32_linear_kernel() == chosen
         with torch.no_grad():
             assert onednn_ok(x, w) == (chosen == "onednn" and onednn_linear_supported(torch.float32))
+            narrow = "onednn" if kernel == "auto" else kernel
+            assert onednn_ok(narrow_x, narrow_w) == (narrow == "onednn" and onednn_linear_supported(torch.float32))
     monkeypatch.setenv(LINEAR_KERNEL_ENV, "nonsense")  # unknown values: the rule
     assert fp32_linear_kernel() == expected
 

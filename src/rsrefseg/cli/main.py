@@ -57,6 +57,9 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     _quiet_libraries()
+    from rsrefseg.allocator import retain_freed_memory
+
+    retain_freed_memory()  # large tensors reuse freed memory instead of page-faulting (see the module)
     from rsrefseg.errors import RSRefSegError
 
     parser = build_parser()

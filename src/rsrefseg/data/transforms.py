@@ -99,10 +99,14 @@ def logits_to_original(logits: torch.Tensor, meta: ResizeMeta) -> torch.Tensor:
     """Crop the padding and resize ``... x S x S`` logits back to ``... x H x W`` (bilinear).
 
     Leading dimensions (e.g. ``B x 1``) are kept; the result is float (the input dtype if floating).
+    When the image filled the input at its own size (no padding, no resize) the floating input
+    itself comes back: a bilinear resize to the same size is the identity (weights 1 and 0).
     """
     if tuple(logits.shape[-2:]) != (meta.size, meta.size):
         raise ValueError(f"logits end in {tuple(logits.shape[-2:])}, expected {meta.size}x{meta.size}")
     new_h, new_w = meta.content_hw
+    if (new_h, new_w) == (meta.orig_h, meta.orig_w) == (meta.size, meta.size) and logits.is_floating_point():
+        return logits
     leading = logits.shape[:-2]
     cropped = logits[..., :new_h, :new_w]
     flat = cropped.reshape(-1, 1, new_h, new_w).float()  # (... ) x h x w -> N x 1 x h x w

@@ -131,11 +131,18 @@ def check_expressions(expressions: Sequence[str]) -> list[str]:
 
 
 def mask_score(logits: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean probability ``sigmoid(logits)`` over the True pixels of ``mask`` (same ``H x W``); 0.0 if empty."""
-    if not bool(mask.any()):
+    """Mean probability ``sigmoid(logits)`` over the True pixels of ``mask`` (same ``H x W``); 0.0 if empty.
+
+    The probabilities outside the mask are zeroed, each row is summed in float32 (PyTorch's
+    pairwise summation: ~1e-7 relative) and the row sums in float64; no boolean indexing (its
+    ``nonzero`` made this 2x slower on a 13-megapixel scene).
+    """
+    count = int(torch.count_nonzero(mask))
+    if count == 0:
         return 0.0
-    inside = torch.sigmoid(logits[mask])  # n float values (only the mask pixels, not H x W)
-    return float(inside.sum(dtype=torch.float64) / inside.numel())
+    probs = torch.sigmoid(logits.float()).mul_(mask)  # H x W, 0 outside the mask
+    rows = probs.sum(dim=-1) if probs.dim() > 1 else probs  # H float32 row sums
+    return float(rows.sum(dtype=torch.float64) / count)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

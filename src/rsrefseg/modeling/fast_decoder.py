@@ -14,8 +14,9 @@ computes the masks of all four mask tokens when one is asked for. Here, for infe
   parameters' versions and the encoding itself), not once per expression;
 - the image tokens stay ``T x N x C`` (channels last) from the first add to the masks: the two
   transposed convolutions (kernel 2, stride 2) are linears to ``2 x 2`` sub-pixels, the layer norm
-  and GELUs run on the last dimension, and the hypernetwork product runs on the sub-pixels before
-  they are put in place (a ``T x 4h x 4w`` copy instead of ``T x 32 x 4h x 4w``);
+  and GELUs run on the last dimension (the second GELU fused into its linear on oneDNN, the first
+  in place), and the hypernetwork product runs on the sub-pixels before they are put in place
+  (a ``T x 4h x 4w`` copy instead of ``T x 32 x 4h x 4w`` and ``T x 64 x 2h x 2w``);
 - only the requested mask tokens (one, or the three of ``multimask_output``) are upscaled.
 
 Tokens (a few dozen) go through the Hugging Face submodules themselves. The outputs equal the
@@ -34,7 +35,7 @@ from torch import nn
 from transformers.models.sam.modeling_sam import SamAttention, SamMaskDecoder
 
 from rsrefseg.modeling.class_swap import restore_classes, swap_classes
-from rsrefseg.modeling.fast_linear import fast_linear
+from rsrefseg.modeling.fast_linear import fast_linear, onednn_linear, onednn_ok
 
 #: Attribute holding the class before :func:`enable_fast_decoder` (and the cached positional terms).
 _ORIGINAL = "_rsrefseg_decoder_original_class"
@@ -179,33 +180,41 @@ class FastSamMaskDecoder(SamMaskDecoder):
     # ------------------------------------------------------------------ masks
     def _masks(self, x: torch.Tensor, queries: torch.Tensor, mask_slice: slice, h: int, w: int) -> torch.Tensor:
         """Upscale the image tokens ``B x N x C`` (channels last) and take the hypernetwork product of
-        the selected mask tokens -> ``B x 1 x K x 4h x 4w``."""
+        the selected mask tokens -> ``B x 1 x K x 4h x 4w``.
+
+        The norm, the GELUs, the second transposed convolution and the product all act on one
+        sub-pixel at a time, so the sub-pixels stay where the linears put them (pixel, then sub-pixel
+        ``(a, b)`` of the first upscaling, then ``(c, d)`` of the second) and only the ``K`` masks are
+        put in place at the end (output pixel ``(4i + 2a + c, 4j + 2b + d)``)."""
         b = x.shape[0]
-        up1 = _subpixel_linear(x, self.upscale_conv1)  # B x N x 4 x C1 (sub-pixel a, b)
+        up1 = _subpixel_linear(x, self.upscale_conv1)  # B x N x 4 x C1
         c1 = up1.shape[-1]
-        # B x h x w x 2 x 2 x C1 -> B x h x 2 x w x 2 x C1 (sub-pixels in place): B x 2h x 2w x C1.
-        y = up1.view(b, h, w, 2, 2, c1).permute(0, 1, 3, 2, 4, 5).reshape(b, 4 * h * w, c1)
         norm = self.upscale_layer_norm
-        y = F.gelu(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-        up2 = F.gelu(_subpixel_linear(y, self.upscale_conv2))  # B x 4hw x 4 x C2
+        y = torch.ops.aten.gelu_(F.layer_norm(up1, (c1,), norm.weight, norm.bias, norm.eps))  # fresh tensor
+        up2 = _subpixel_linear(y.view(b, -1, c1), self.upscale_conv2, gelu=True)  # B x 4N x 4 x C2
         tokens = queries[:, 0, 1:1 + self.num_mask_tokens]  # B x M x C
         hyper = torch.stack([self.output_hypernetworks_mlps[i](tokens[:, i])
                              for i in range(self.num_mask_tokens)[mask_slice]], dim=1)  # B x K x C2
         k = hyper.shape[1]
-        masks = torch.matmul(up2.view(b, -1, up2.shape[-1]), hyper.transpose(1, 2))  # B x 16hw x K
-        # B x (2h x 2w x 2 x 2) x K -> B x K x 2h x 2 x 2w x 2 -> B x K x 4h x 4w.
-        masks = masks.view(b, 2 * h, 2 * w, 2, 2, k).permute(0, 5, 1, 3, 2, 4).reshape(b, k, 4 * h, 4 * w)
+        masks = torch.matmul(up2.view(b, -1, up2.shape[-1]), hyper.transpose(1, 2))  # B x 16N x K
+        # B x (h x w x a x b x c x d) x K -> B x K x h x a x c x w x b x d -> B x K x 4h x 4w.
+        masks = masks.view(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, k, 4 * h, 4 * w)
         return masks.unsqueeze(1)
 
 
-def _subpixel_linear(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """A kernel-2, stride-2 ``ConvTranspose2d`` on channels-last tokens: ``B x N x Cin`` -> ``B x N x 4 x Cout``
-    (the 2 x 2 output sub-pixels of each input pixel, row-major)."""
+def _subpixel_linear(x: torch.Tensor, conv: nn.ConvTranspose2d, gelu: bool = False) -> torch.Tensor:
+    """A kernel-2, stride-2 ``ConvTranspose2d`` (then an exact GELU with ``gelu``) on channels-last tokens:
+    ``B x N x Cin`` -> ``B x N x 4 x Cout`` (the 2 x 2 output sub-pixels of each input pixel, row-major)."""
     cin, cout = conv.weight.shape[:2]
     # Cin x Cout x 2 x 2 -> 2 x 2 x Cout x Cin -> (4 Cout) x Cin: one output row per (a, b, channel).
-    weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin)
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin).contiguous()
     bias = conv.bias.repeat(4) if conv.bias is not None else None
-    out = fast_linear(x, weight.contiguous(), bias)  # B x N x 4Cout
+    if gelu and onednn_ok(x, weight):
+        out = onednn_linear(x, weight, bias, "gelu", "none")  # B x N x 4Cout, GELU fused
+    else:
+        out = fast_linear(x, weight, bias)  # B x N x 4Cout
+        if gelu:
+            out = torch.ops.aten.gelu_(out)  # a fresh tensor
     return out.view(*x.shape[:-1], 4, cout)
 
 

@@ -58,27 +58,38 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+#: On AVX2-only x86, linears with at most this many input features (SAM's mask decoder: 64-256)
+#: run on oneDNN, wider ones (the encoders: 768-4304) on BLAS.
+SMALL_K = 256
+
+
 @functools.cache
-def _auto_fp32_kernel() -> str:
+def _avx2_only() -> bool:
     flags = cpu_flags()
-    return "blas" if "avx2" in flags and "avx512f" not in flags else "onednn"
+    return "avx2" in flags and "avx512f" not in flags
 
 
-def fp32_linear_kernel() -> str:
-    """The kernel of fp32 linears in CPU inference: ``"onednn"`` or ``"blas"`` (``F.linear``'s ``addmm``).
+def fp32_linear_kernel(in_features: int | None = None) -> str:
+    """The kernel of an fp32 linear with ``in_features`` inputs in CPU inference: ``"onednn"`` or
+    ``"blas"`` (``F.linear``'s ``addmm``); ``None`` means a wide (encoder) linear.
 
     Measured at the model's own shapes (``python -m rsrefseg.bench.kernels``): on AMD Zen 5 with
-    AVX-512 oneDNN's linear runs ~2x the BLAS GEMM of this PyTorch build; on an AVX2-only AMD Zen 3
-    ``addmm`` is 4-16 % faster than oneDNN on every encoder shape (SAM ViT-B, SigLIP), 1 and 2
-    threads. So x86 CPUs with AVX2 but without AVX-512 take ``blas``, all others ``onednn``; the
-    rule reads CPU flags, not timings, so a machine always computes the same numbers. The
-    environment variable :data:`LINEAR_KERNEL_ENV` (``onednn``/``blas``/``auto``) overrides it,
-    read at each call.
+    AVX-512 oneDNN's linear runs ~2x the BLAS GEMM of this PyTorch build. On an AVX2-only AMD Zen 3
+    ``addmm`` is 4-16 % faster than oneDNN on every encoder shape (SAM ViT-B, SigLIP; 768-4304
+    inputs), 1 and 2 threads, while oneDNN is 8-36 % faster on the mask decoder's narrow linears with
+    a bias (64-256 inputs over 12,288-49,152 image tokens: out_proj, the upscaling) and within 4 %
+    on the one without. So x86 CPUs with AVX2 but without AVX-512 take ``blas`` for linears wider
+    than :data:`SMALL_K` inputs and ``onednn`` for the others; all other CPUs take ``onednn``. The
+    rule reads CPU flags and shapes, not timings, so a machine always computes the same numbers. The
+    environment variable :data:`LINEAR_KERNEL_ENV` (``onednn``/``blas``/``auto``) overrides it for
+    every linear, read at each call.
     """
     chosen = os.environ.get(LINEAR_KERNEL_ENV, "auto").strip().lower()
     if chosen in LINEAR_KERNELS:
         return chosen
-    return _auto_fp32_kernel()
+    if _avx2_only() and (in_features is None or in_features > SMALL_K):
+        return "blas"
+    return "onednn"
 
 
 def onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -93,7 +104,7 @@ def onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
         and onednn_linear_supported(x.dtype)
-        and (x.dtype != torch.float32 or fp32_linear_kernel() == "onednn")
+        and (x.dtype != torch.float32 or fp32_linear_kernel(weight.shape[-1]) == "onednn")
     )
 
 
