@@ -39,7 +39,9 @@ def test_streamed_outputs_equal_the_in_memory_scene(predictor, make_geotiff, tmp
     assert seen == [0, 1] and run.tiles == memory.tiles and run.skipped_tiles == memory.skipped_tiles
     expected = tmp_path / "expected"
     for name, prediction, record in zip(NAMES, memory.predictions, records, strict=True):
-        assert record["score"] == pytest.approx(prediction.score, rel=1e-12)
+        # The stream sums each region's probabilities in float64, mask_score sums rows in float32
+        # (pairwise) and those in float64: equal to ~1e-7 relative, not to the last bit.
+        assert record["score"] == pytest.approx(prediction.score, rel=1e-7)
         assert record["mask_pixels"] == prediction.area_pixels > 0
         assert record["predicted_iou"] == pytest.approx(prediction.predicted_iou, rel=1e-9)
         with rasterio.open(tmp_path / "out" / record["mask_tif"]) as ds, rasterio.open(path) as src:
