@@ -35,7 +35,7 @@ from torch import nn
 from transformers.models.sam.modeling_sam import SamAttention, SamMaskDecoder
 
 from rsrefseg.modeling.class_swap import restore_classes, swap_classes
-from rsrefseg.modeling.fast_linear import fast_linear, onednn_linear, onednn_ok
+from rsrefseg.modeling.fast_linear import fast_linear
 
 #: Attribute holding the class before :func:`enable_fast_decoder` (and the cached positional terms).
 _ORIGINAL = "_rsrefseg_decoder_original_class"
@@ -209,12 +209,7 @@ def _subpixel_linear(x: torch.Tensor, conv: nn.ConvTranspose2d, gelu: bool = Fal
     # Cin x Cout x 2 x 2 -> 2 x 2 x Cout x Cin -> (4 Cout) x Cin: one output row per (a, b, channel).
     weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin).contiguous()
     bias = conv.bias.repeat(4) if conv.bias is not None else None
-    if gelu and onednn_ok(x, weight):
-        out = onednn_linear(x, weight, bias, "gelu", "none")  # B x N x 4Cout, GELU fused
-    else:
-        out = fast_linear(x, weight, bias)  # B x N x 4Cout
-        if gelu:
-            out = torch.ops.aten.gelu_(out)  # a fresh tensor
+    out = fast_linear(x, weight, bias, gelu=gelu)  # B x N x 4Cout
     return out.view(*x.shape[:-1], 4, cout)
 
 

@@ -124,11 +124,13 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.view(*shape[:-1], out.shape[-1])  # M x N -> ... x N
 
 
-def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight^T + bias``: oneDNN where :func:`onednn_ok`, else ``F.linear``. ``... x K`` -> ``... x N``."""
+def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """``x @ weight^T + bias`` (then an exact GELU with ``gelu``, fused on oneDNN): oneDNN where
+    :func:`onednn_ok`, else ``F.linear``. ``... x K`` -> ``... x N``."""
     if onednn_ok(x, weight):
-        return onednn_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return onednn_linear(x, weight, bias, "gelu" if gelu else "none", "none" if gelu else "")
+    out = F.linear(x, weight, bias)
+    return torch.ops.aten.gelu_(out) if gelu else out  # in place: a fresh tensor
 
 
 class FastLinear(nn.Linear):
