@@ -12,7 +12,9 @@ init, LoRA merged, fast SAM), records its resident memory, resets the kernel's h
 - ``weights_bytes``: parameters and buffers; ``activations_bytes``: the peak of live tensor
   storage during the inference (tracked op by op), plus the input image;
 - ``ratio``: peak resident / (weights + activations); the interpreter and libraries
-  (``baseline_rss_bytes``, after importing them) are part of the numerator.
+  (``baseline_rss_bytes``, after importing them) are part of the numerator;
+- ``allocator``: the malloc settings, applied as the ``rsrefseg`` command applies them
+  (:mod:`rsrefseg.allocator`).
 """
 
 from __future__ import annotations
@@ -160,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    print(json.dumps(child(args.preset, args.threads)))
+    from rsrefseg.allocator import retain_freed_memory
+
+    allocator = retain_freed_memory()  # as the rsrefseg command does (RSREFSEG_MALLOC=system: glibc's defaults)
+    print(json.dumps({**child(args.preset, args.threads), "allocator": allocator}))
     return 0
 
 
