@@ -10,7 +10,13 @@ the suite does (:func:`rsrefseg.bench.cpu.build_fast`, plus the library's bf16 p
 - per module (SAM patch embedding, windowed and global layers, neck; SigLIP embeddings, layers,
   head; text tower; prompter and decoder): seconds from forward hooks around ``record_function``;
 - the GEMMs' own rate (their FLOPs from the shapes / their time) next to the best GEMM measured
-  right before (the gap between the two is the time "above the best GEMM").
+  right before (the gap between the two is the time "above the best GEMM");
+- the same first expression once more without the profiler, timed per module and per part (the
+  attention and the MLP of SAM's windowed and global layers and of SigLIP's image layers) with
+  forward hooks only. Trust these seconds, not the profiled ones: on the Zen 3 machine of
+  2026-12-03 the profiler inflated a 19 s expression to ~21-24 s, mostly in large element-wise ops
+  (``aten::gelu`` on SAM's 4096 x 3072 MLP hidden: ~300 ms per call profiled, 8-12 ms with hooks
+  only; the bias fill of ``addmm`` likewise), so the op-class shares overstate GELU and copies.
 
 The JSON (``--out``) holds the same tables. Under ``flock /tmp/rsrefseg-heavy.lock`` on a shared
 machine: the fractions are more robust than the absolute seconds.
@@ -81,14 +87,14 @@ def gemm_flop(name: str, shapes: Sequence[Sequence[int]]) -> float:
 MODULE_KINDS = ("SamVisionLayer", "FastSamVisionLayer", "SamPatchEmbeddings", "SamVisionNeck", "SiglipVisionEmbeddings",
                 "SiglipEncoderLayer", "SiglipMultiheadAttentionPoolingHead", "SiglipTextTransformer", "CLIPTextTransformer",
                 "CLIPEncoderLayer", "CLIPVisionEmbeddings", "Prompter", "TextActivation", "SamMaskDecoder",
-                "SamPromptEncoder")
+                "SamPromptEncoder", "SiglipTextModel", "CLIPTextModel")
 
 
 def module_groups(model: nn.Module) -> dict[str, str]:
     """Qualified name -> group label (SAM global/windowed layers apart; SigLIP layers together)."""
     groups: dict[str, str] = {}
     for name, module in model.named_modules():
-        kind = type(module).__name__
+        kind = type(module).__name__.removeprefix("Fast")  # our drop-in subclasses count as theirs
         if kind not in MODULE_KINDS:
             continue
         if "SamVisionLayer" in kind:
@@ -104,11 +110,29 @@ def module_groups(model: nn.Module) -> dict[str, str]:
     return groups
 
 
-class ModuleTimer:
-    """Forward hooks that time the modules of :func:`module_groups` (CPU: synchronous)."""
+def part_groups(model: nn.Module) -> dict[str, str]:
+    """Qualified name -> label for the attention and the MLP inside SAM's and SigLIP's image layers.
 
-    def __init__(self, model: nn.Module) -> None:
-        self.groups = module_groups(model)
+    SAM's MLP can run as one fused call that bypasses the module (``mlp_forward``), so for SAM only
+    the attention is hooked; :func:`profile_first_expression` reports the layer minus its attention.
+    """
+    groups: dict[str, str] = {}
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if "SamVisionLayer" in kind:
+            layer = "SAM global" if getattr(module, "window_size", 0) == 0 else "SAM windowed"
+            groups[f"{name}.attn"] = f"{layer}: attention (qkv, attention, proj)"  # the rest: see below
+        elif kind == "SiglipEncoderLayer" and "vision" in name:
+            groups[f"{name}.self_attn"] = "SigLIP image: attention (q, k, v, attention, out)"
+            groups[f"{name}.mlp"] = "SigLIP image: MLP"
+    return groups
+
+
+class ModuleTimer:
+    """Forward hooks that time the modules of :func:`module_groups` (or ``groups``; CPU: synchronous)."""
+
+    def __init__(self, model: nn.Module, groups: dict[str, str] | None = None) -> None:
+        self.groups = module_groups(model) if groups is None else groups
         self.seconds: dict[str, float] = defaultdict(float)
         self._start: dict[str, float] = {}
         self._handles = []
@@ -161,6 +185,18 @@ def profile_first_expression(preset: str = "rsrefseg-b", precision: str = "fp32"
                 first()
         wall = (time.perf_counter() - start) / reps
         timer.remove()
+        # The same without the profiler: module and part times from hooks only (see the docstring).
+        plain = ModuleTimer(model, {**module_groups(model), **part_groups(model)})
+        start = time.perf_counter()
+        for _ in range(reps):
+            first()
+        plain_wall = (time.perf_counter() - start) / reps
+        plain.remove()
+    parts = {k: v / reps for k, v in plain.seconds.items()}
+    for kind, layer in (("global", "SAM layer, global"), ("windowed", "SAM layer, windowed")):
+        attention = parts.get(f"SAM {kind}: attention (qkv, attention, proj)")
+        if layer in parts and attention is not None:
+            parts[f"SAM {kind}: MLP, norms, residuals (layer - attention)"] = parts[layer] - attention
     ops: dict[str, dict[str, float]] = defaultdict(lambda: {"s": 0.0, "calls": 0, "gflop": 0.0})
     classes: dict[str, dict[str, float]] = defaultdict(lambda: {"s": 0.0, "gflop": 0.0})
     for event in prof.events():
@@ -181,7 +217,8 @@ def profile_first_expression(preset: str = "rsrefseg-b", precision: str = "fp32"
     modules = {k: v / reps for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
     return {"preset": preset, "precision": precision, "reps": reps, "wall_s": wall, "profiled_self_s": total,
             "fp32_gemm_gflops": gemm, "op_classes": _ranked(classes, total), "ops": _ranked(ops, total, 25),
-            "modules_s": modules, "threads": torch.get_num_threads()}
+            "modules_s": modules, "threads": torch.get_num_threads(), "unprofiled_wall_s": plain_wall,
+            "unprofiled_modules_s": dict(sorted(parts.items(), key=lambda kv: -kv[1]))}
 
 
 def _ranked(table: dict[str, dict[str, float]], total: float, limit: int | None = None) -> dict[str, dict[str, float]]:
@@ -207,9 +244,13 @@ def format_profile(result: dict[str, Any]) -> str:
     for name, row in result["ops"].items():
         rate = f"  {row['gflops']:.0f} GFLOP/s" if "gflops" in row else ""
         lines.append(f"  {name:<52}{row['s']:>8.3f} s {100 * row['share']:>5.1f} % {row['calls']:>7.0f} calls{rate}")
-    lines += ["", "per module (forward hooks, seconds per expression):"]
+    lines += ["", "per module (forward hooks, seconds per expression, profiled):"]
     for name, seconds in result["modules_s"].items():
         lines.append(f"  {name:<38}{seconds:>8.3f} s")
+    if "unprofiled_wall_s" in result:
+        lines += ["", f"without the profiler (forward hooks only): {result['unprofiled_wall_s']:.2f} s per expression"]
+        for name, seconds in result["unprofiled_modules_s"].items():
+            lines.append(f"  {name:<60}{seconds:>8.3f} s")
     return "\n".join(lines)
 
 
@@ -224,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from rsrefseg.allocator import retain_freed_memory
+
+    allocator = retain_freed_memory()  # as the rsrefseg command and the suite run
+    print(f"malloc: {allocator}")
     result = profile_first_expression(args.preset, args.precision, args.reps)
     print(format_profile(result))
     if args.out:
