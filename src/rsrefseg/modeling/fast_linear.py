@@ -165,17 +165,26 @@ def gelu_algorithm(act: Any) -> str | None:
 
 
 def fused_mlp(lin1: Any, act: Any, lin2: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """``lin2(act(lin1(x)))`` with ``lin1 + act`` as one oneDNN op, or None where that does not apply.
+    """``lin2(act(lin1(x)))`` with ``lin1 + act`` as one oneDNN op (or, where BLAS runs the linears,
+    the GELU in place on ``lin1``'s output), or None where that does not apply.
 
     Applies to plain linears, a GELU (:func:`gelu_algorithm`) and inference on the CPU
-    (:func:`onednn_ok`). ``x``: ``... x K`` -> ``... x N2``.
+    (:func:`onednn_ok`; no gradients for the in-place GELU). ``x``: ``... x K`` -> ``... x N2``.
     """
     if type(lin1) not in _PLAIN_LINEARS or type(lin2) not in _PLAIN_LINEARS:
         return None
     algorithm = gelu_algorithm(act)
-    if algorithm is None or not onednn_ok(x, lin1.weight):
+    if algorithm is None:
         return None
-    hidden = onednn_linear(x, lin1.weight, lin1.bias, "gelu", algorithm)
+    if onednn_ok(x, lin1.weight):
+        hidden = onednn_linear(x, lin1.weight, lin1.bias, "gelu", algorithm)
+    elif x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or lin1.weight.requires_grad)):
+        # BLAS linears (fp32 on AVX2-only CPUs): the GELU in place on lin1's fresh output, the same
+        # kernel as the module's F.gelu (equal bits) without a second hidden-sized tensor (SAM ViT-B:
+        # 50 MB per layer, above glibc's mmap threshold, so every new one page-faulted in).
+        hidden = torch.ops.aten.gelu_(F.linear(x, lin1.weight, lin1.bias), approximate=algorithm)
+    else:
+        return None
     return lin2(hidden)  # type: ignore[no-any-return]
 
 
