@@ -14,7 +14,7 @@ the suite does (:func:`rsrefseg.bench.cpu.build_fast`, plus the library's bf16 p
 - the same first expression once more without the profiler, timed per module and per part (the
   attention and the MLP of SAM's windowed and global layers and of SigLIP's image layers) with
   forward hooks only. Trust these seconds, not the profiled ones: on the Zen 3 machine of
-  2026-12-03 the profiler inflated a 19 s expression to ~21-24 s, mostly in large element-wise ops
+  2026-12-03 the profiler stretched a 16.5 s expression to 21.7 s, mostly in large element-wise ops
   (``aten::gelu`` on SAM's 4096 x 3072 MLP hidden: ~300 ms per call profiled, 8-12 ms with hooks
   only; the bias fill of ``addmm`` likewise), so the op-class shares overstate GELU and copies.
 
