@@ -124,13 +124,16 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.view(*shape[:-1], out.shape[-1])  # M x N -> ... x N
 
 
-def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
-    """``x @ weight^T + bias`` (then an exact GELU with ``gelu``, fused on oneDNN): oneDNN where
-    :func:`onednn_ok`, else ``F.linear``. ``... x K`` -> ``... x N``."""
+def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False,
+                approximate: str = "none") -> torch.Tensor:
+    """``x @ weight^T + bias`` (then, with ``gelu``, ``F.gelu(..., approximate=approximate)``, fused on
+    oneDNN): oneDNN where :func:`onednn_ok`, else ``F.linear``. ``... x K`` -> ``... x N``."""
     if onednn_ok(x, weight):
-        return onednn_linear(x, weight, bias, "gelu" if gelu else "none", "none" if gelu else "")
+        return onednn_linear(x, weight, bias, "gelu" if gelu else "none", approximate if gelu else "")
     out = F.linear(x, weight, bias)
-    return torch.ops.aten.gelu_(out) if gelu else out  # in place: a fresh tensor
+    # In place on the fresh output: the same kernel as F.gelu (equal bits) without a second tensor
+    # (SAM ViT-B's MLP hidden: 50 MB per layer, above glibc's mmap threshold, so it page-faulted in).
+    return torch.ops.aten.gelu_(out, approximate=approximate) if gelu else out
 
 
 class FastLinear(nn.Linear):
@@ -174,17 +177,10 @@ def fused_mlp(lin1: Any, act: Any, lin2: Any, x: torch.Tensor) -> torch.Tensor |
     if type(lin1) not in _PLAIN_LINEARS or type(lin2) not in _PLAIN_LINEARS:
         return None
     algorithm = gelu_algorithm(act)
-    if algorithm is None:
+    grad = torch.is_grad_enabled() and (x.requires_grad or lin1.weight.requires_grad)
+    if algorithm is None or grad or x.device.type != "cpu":
         return None
-    if onednn_ok(x, lin1.weight):
-        hidden = onednn_linear(x, lin1.weight, lin1.bias, "gelu", algorithm)
-    elif x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or lin1.weight.requires_grad)):
-        # BLAS linears (fp32 on AVX2-only CPUs): the GELU in place on lin1's fresh output, the same
-        # kernel as the module's F.gelu (equal bits) without a second hidden-sized tensor (SAM ViT-B:
-        # 50 MB per layer, above glibc's mmap threshold, so every new one page-faulted in).
-        hidden = torch.ops.aten.gelu_(F.linear(x, lin1.weight, lin1.bias), approximate=algorithm)
-    else:
-        return None
+    hidden = fast_linear(x, lin1.weight, lin1.bias, gelu=True, approximate=algorithm)
     return lin2(hidden)  # type: ignore[no-any-return]
 
 
