@@ -16,7 +16,12 @@ decode, 2-4 microseconds each in a virtual machine (measured 2026-12-03: 15.5 s 
   that is free at its top.
 
 The peak memory of a run is unchanged (it is the same tensors); what changes is that the process
-keeps up to its high-water mark of heap after a peak instead of returning it.
+keeps up to its high-water mark of heap after a peak instead of returning it. This is what
+PyTorch's CPU performance guide gets from preloading jemalloc or tcmalloc, without a native
+dependency. The ``rsrefseg`` command and the inference benchmarks call it at start; the library
+itself never does (no side effects at import). It does nothing off glibc (macOS, Windows, musl),
+when ``RSREFSEG_MALLOC=system`` is set, or when the user set glibc's own ``MALLOC_MMAP_THRESHOLD_``
+/ ``MALLOC_TRIM_THRESHOLD_`` variables (theirs win).
 
 Blocks above 32 MiB (SAM ViT-B's ``qkv`` 38 MB and MLP hidden 50 MB per layer) still come from
 ``mmap``. Tried and left out (2026-12-03): ``M_MMAP_MAX`` = 0 (every block from the heap) takes the
@@ -25,12 +30,7 @@ first expression's faults from 120-220 thousand to 0 and its system time from 0.
 of 5 rounds each), and PyTorch's 64-byte ``posix_memalign`` leaves small remainders in glibc's
 thread cache that keep freed big blocks from being reused for the first rounds, so the heap grows:
 ``rsrefseg predict`` with 64 expressions peaked 60 MiB above the 8-expression run instead of
-14 MiB (``tests/inference/test_predict_memory.py`` bounds that difference at 48 MiB). This is what
-PyTorch's CPU performance guide gets from preloading jemalloc or tcmalloc, without a native
-dependency. The ``rsrefseg`` command and the inference benchmarks call it at start; the library
-itself never does (no side effects at import). It does nothing off glibc (macOS, Windows, musl),
-when ``RSREFSEG_MALLOC=system`` is set, or when the user set glibc's own ``MALLOC_MMAP_THRESHOLD_``
-/ ``MALLOC_TRIM_THRESHOLD_`` variables (theirs win).
+14 MiB (``tests/inference/test_predict_memory.py`` bounds that difference at 48 MiB).
 """
 
 from __future__ import annotations
