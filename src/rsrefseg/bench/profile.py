@@ -90,6 +90,15 @@ MODULE_KINDS = ("SamVisionLayer", "FastSamVisionLayer", "SamPatchEmbeddings", "S
                 "SamPromptEncoder", "SiglipTextModel", "CLIPTextModel")
 
 
+def _sam_kind(layer: nn.Module) -> str:
+    """"global" or "windowed" for a SAM vision layer."""
+    return "global" if getattr(layer, "window_size", 0) == 0 else "windowed"
+
+
+def _sam_attention_label(kind: str) -> str:
+    return f"SAM {kind}: attention (qkv, attention, proj)"
+
+
 def module_groups(model: nn.Module) -> dict[str, str]:
     """Qualified name -> group label (SAM global/windowed layers apart; SigLIP layers together)."""
     groups: dict[str, str] = {}
@@ -98,7 +107,7 @@ def module_groups(model: nn.Module) -> dict[str, str]:
         if kind not in MODULE_KINDS:
             continue
         if "SamVisionLayer" in kind:
-            label = "SAM layer, global" if getattr(module, "window_size", 0) == 0 else "SAM layer, windowed"
+            label = f"SAM layer, {_sam_kind(module)}"
         elif kind == "CLIPEncoderLayer":
             label = "CLIP layer (image)" if "vision" in name else "CLIP layer (text)"
         elif kind == "SiglipEncoderLayer":
@@ -120,8 +129,7 @@ def part_groups(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         kind = type(module).__name__
         if "SamVisionLayer" in kind:
-            layer = "SAM global" if getattr(module, "window_size", 0) == 0 else "SAM windowed"
-            groups[f"{name}.attn"] = f"{layer}: attention (qkv, attention, proj)"  # the rest: see below
+            groups[f"{name}.attn"] = _sam_attention_label(_sam_kind(module))  # the rest: see below
         elif kind == "SiglipEncoderLayer" and "vision" in name:
             groups[f"{name}.self_attn"] = "SigLIP image: attention (q, k, v, attention, out)"
             groups[f"{name}.mlp"] = "SigLIP image: MLP"
@@ -193,10 +201,10 @@ def profile_first_expression(preset: str = "rsrefseg-b", precision: str = "fp32"
         plain_wall = (time.perf_counter() - start) / reps
         plain.remove()
     parts = {k: v / reps for k, v in plain.seconds.items()}
-    for kind, layer in (("global", "SAM layer, global"), ("windowed", "SAM layer, windowed")):
-        attention = parts.get(f"SAM {kind}: attention (qkv, attention, proj)")
-        if layer in parts and attention is not None:
-            parts[f"SAM {kind}: MLP, norms, residuals (layer - attention)"] = parts[layer] - attention
+    for kind in ("global", "windowed"):
+        layer, attention = parts.get(f"SAM layer, {kind}"), parts.get(_sam_attention_label(kind))
+        if layer is not None and attention is not None:
+            parts[f"SAM {kind}: MLP, norms, residuals (layer - attention)"] = layer - attention
     ops: dict[str, dict[str, float]] = defaultdict(lambda: {"s": 0.0, "calls": 0, "gflop": 0.0})
     classes: dict[str, dict[str, float]] = defaultdict(lambda: {"s": 0.0, "gflop": 0.0})
     for event in prof.events():
